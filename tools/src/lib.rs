@@ -1,1 +1,9 @@
+//! keyfort-tools: the `keyfortd` node and the `keyfort` CLI. Each subcommand family lives in its
+//! own module; the binaries only parse arguments and dispatch.
 
+pub mod card;
+pub mod demo;
+pub mod wbl_cmd;
+
+/// Outcome of a CLI subcommand: `Err` carries the one-line message printed before a non-zero exit.
+pub type CmdResult = Result<(), String>;

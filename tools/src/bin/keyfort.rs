@@ -1,1 +1,44 @@
-fn main() {}
+//! `keyfort`: the operator's CLI.
+
+use clap::{Parser, Subcommand};
+use keyfort_tools::{card::CardCmd, wbl_cmd::WblCmd};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "keyfort", version, about = "keyfort: HSM-backed replicated key store")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Provision and inspect cards (HSM tokens): the ceremony.
+    Card {
+        #[command(subcommand)]
+        cmd: CardCmd,
+    },
+    /// Offline tools for a write-behind log directory.
+    Wbl {
+        #[command(subcommand)]
+        cmd: WblCmd,
+    },
+    /// Run the README's main job on the embedded defaults.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Card { cmd } => keyfort_tools::card::run(cmd),
+        Cmd::Wbl { cmd } => keyfort_tools::wbl_cmd::run(cmd),
+        Cmd::Demo => keyfort_tools::demo::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("keyfort: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
