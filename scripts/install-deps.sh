@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what keyfort needs on a fresh Debian machine (run as root). Idempotent: each step is
+# skipped when its tool is already present, so CI and a new user run the same script.
+set -euo pipefail
+
+need_apt=()
+command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install-deps: apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "install-deps: cargo not found; install Rust with rustup first" >&2
+  exit 1
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+command -v cargo-nextest >/dev/null 2>&1 || cargo install cargo-nextest --locked
+
+# cargo-fuzz needs a nightly toolchain; the fuzz step is skipped (with a message) where none exists.
+if [ "${KEYFORT_FUZZ:-1}" = 1 ] && rustup toolchain list | grep -q '^nightly'; then
+  command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+fi
