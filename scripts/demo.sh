@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job on the embedded defaults (README's first command). Today: provisions SoftHSM cards
+# with the ceremony, shares a partition across them, creates and uses masked keys, appends through
+# the WBL on every core, SIGKILLs the writer, reopens and prints what recovery found and took.
+# Later issues grow it into a 3-node cluster and a disaster-recovery drill.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo build --release --locked -p keyfort-tools
+data=${KEYFORT_DEMO_DIR:-.kf/demo}
+rm -rf "$data"
+exec target/release/keyfort demo --data-dir "$data" "$@"
