@@ -1,0 +1,192 @@
+//! Every attribute template keyfort uses, in one place, so the audit test and the threat model
+//! can point at exactly one definition per object kind.
+
+use crate::raw::Template;
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+
+pub const LABEL_VENDOR_KBK: &str = "keyfort-vendor-kbk";
+pub const LABEL_ADAPTER_KBK: &str = "keyfort-adapter-kbk";
+
+/// What a customer key unwrapped under a masking key (or backup KBK) must be: sensitive,
+/// never extractable, unable to wrap, unwrap or derive. Enforced by the card through the masking
+/// key's `CKA_UNWRAP_TEMPLATE`, so a session that asks for anything else is refused.
+pub fn customer_unwrap_forced() -> Template {
+    Template::new(vec![
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ])
+}
+
+/// What any key unwrapped under the adapter KBK (partition keys, integrity key) must be:
+/// sensitive, non-extractable, wrappable only by a trusted key, never an encrypt/decrypt key
+/// (an AES key that could decrypt raw blocks could undo RFC 3394 wrapping by hand). It cannot
+/// also force the masking key's own unwrap template: SoftHSM 2.6.1 refuses a nested
+/// `CKA_UNWRAP_TEMPLATE` with CKR_ATTRIBUTE_VALUE_INVALID (measured, tests/threat_model.rs).
+pub fn partition_unwrap_forced() -> Template {
+    Template::new(vec![
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+    ])
+}
+
+/// What the adapter KBK unwrapped under the vendor KBK must be.
+pub fn adapter_unwrap_forced() -> Template {
+    Template::new(vec![
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+    ])
+}
+
+fn kbk_common(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        // Only the SO can set CKA_TRUSTED, and SoftHSM lets an SO session create only public
+        // objects (measured): ownership keys are public token objects, usable by every session.
+        Attribute::Private(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        // WRAP is needed only for fingerprints (a deterministic wrap of a fixed block).
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+    ]
+}
+
+/// The vendor KBK as the SO loads it (value from the ceremony kit).
+pub fn vendor_kbk(value: &[u8]) -> Template {
+    let mut a = kbk_common(LABEL_VENDOR_KBK);
+    a.push(Attribute::Value(value.to_vec()));
+    Template::new(a)
+        .with_unwrap(adapter_unwrap_forced())
+        .frozen()
+}
+
+/// The adapter KBK as the SO unwraps it under the vendor KBK: trusted.
+pub fn adapter_kbk() -> Template {
+    let mut a = kbk_common(LABEL_ADAPTER_KBK);
+    a.push(Attribute::Trusted(true));
+    Template::new(a)
+        .with_unwrap(partition_unwrap_forced())
+        .frozen()
+}
+
+/// The attributes a partition key (or the integrity key) is loaded with from its config.
+pub fn partition_key_load(aes: bool, usage: PartitionKeyUse) -> Template {
+    let mut a = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(if aes {
+            KeyType::AES
+        } else {
+            KeyType::GENERIC_SECRET
+        }),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+    ];
+    a.extend(usage.attrs());
+    let mut t = Template::new(a);
+    if matches!(usage, PartitionKeyUse::Wrap) {
+        t = t.with_unwrap(customer_unwrap_forced());
+    }
+    t.frozen()
+}
+
+/// The attributes a partition key (or integrity key) is born with, on the one card that makes
+/// it: extractable only so it can be wrapped under the adapter KBK, and only by a trusted key.
+pub fn partition_key_generate(aes: bool, usage: PartitionKeyUse) -> Vec<Attribute> {
+    let mut a = vec![
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::ValueLen(32.into()),
+    ];
+    if !aes {
+        a.push(Attribute::KeyType(KeyType::GENERIC_SECRET));
+    }
+    a.extend(usage.attrs());
+    a
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum PartitionKeyUse {
+    /// Masking key, backup KBK.
+    Wrap,
+    /// HMAC key, integrity key.
+    Mac,
+    /// Client-credential key (AES-CBC-ENCRYPT-DATA derivation of per-client secrets).
+    Derive,
+}
+
+impl PartitionKeyUse {
+    fn attrs(self) -> Vec<Attribute> {
+        let (wrap, mac, derive) = match self {
+            PartitionKeyUse::Wrap => (true, false, false),
+            PartitionKeyUse::Mac => (false, true, false),
+            PartitionKeyUse::Derive => (false, false, true),
+        };
+        vec![
+            Attribute::Wrap(wrap),
+            Attribute::Unwrap(wrap),
+            Attribute::Sign(mac),
+            Attribute::Verify(mac),
+            Attribute::Derive(derive),
+        ]
+    }
+}
+
+/// A fresh customer key: a session object, extractable only for its one wrap (it is destroyed
+/// right after), never usable for anything else.
+pub fn customer_key_generate() -> Vec<Attribute> {
+    vec![
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::ValueLen(32.into()),
+    ]
+}
+
+/// A customer key as unwrapped for use: must satisfy `customer_unwrap_forced`.
+pub fn customer_key_load() -> Template {
+    Template::new(vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ])
+}
