@@ -1,1 +1,5 @@
-//! keyfort-engine
+//! keyfort-engine: the write-behind log, and (in later issues) the state machine, snapshots and
+//! recovery tiers. Everything here runs on glommio executors built by [`exec`].
+
+pub mod exec;
+pub mod wbl;

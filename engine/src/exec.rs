@@ -1,0 +1,155 @@
+//! Thread-per-core executors: one glommio `LocalExecutor` per core, each with a foreground
+//! (latency) and a background task queue, and the one place where the glommio iopoll probe
+//! workaround lives.
+//!
+//! glommio registers `io_memory` bytes of DMA buffers with io_uring, which needs locked memory:
+//! root here has `CAP_IPC_LOCK`; elsewhere lower [`ExecConfig::io_memory`] or raise
+//! `ulimit -l` (memlock).
+
+use glommio::{
+    executor, Latency, LocalExecutor, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle,
+};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Shares of the foreground queue (client requests, raft, WBL writer).
+pub const FOREGROUND_SHARES: usize = 1000;
+/// Shares of the background queue (segment preparation, compaction, streaming).
+pub const BACKGROUND_SHARES: usize = 100;
+/// Name of the probe file written in the data directory.
+pub const IO_PROBE_FILE: &str = "io-probe";
+/// DMA memory registered per executor by default.
+pub const IO_MEMORY_DEFAULT: usize = 10 << 20;
+
+/// The task queues of one executor.
+#[derive(Clone, Copy, Debug)]
+pub struct Queues {
+    pub foreground: TaskQueueHandle,
+    pub background: TaskQueueHandle,
+}
+
+#[derive(Clone, Debug)]
+pub struct ExecConfig {
+    /// `Some(core)` pins the executor; `None` (several nodes on one machine) leaves it unbound.
+    pub core: Option<usize>,
+    pub name: String,
+    /// Directory holding the io probe file (the node's data directory).
+    pub data_dir: PathBuf,
+    pub io_memory: usize,
+}
+
+impl ExecConfig {
+    pub fn new(core: Option<usize>, data_dir: impl Into<PathBuf>) -> ExecConfig {
+        let name = core.map_or("keyfort".to_string(), |c| format!("keyfort-{c}"));
+        ExecConfig {
+            core,
+            name,
+            data_dir: data_dir.into(),
+            io_memory: IO_MEMORY_DEFAULT,
+        }
+    }
+
+    fn builder(&self) -> LocalExecutorBuilder {
+        let placement = self.core.map_or(Placement::Unbound, Placement::Fixed);
+        LocalExecutorBuilder::new(placement)
+            .name(&self.name)
+            .io_memory(self.io_memory)
+    }
+}
+
+/// Creates the two task queues on the current executor.
+pub fn make_queues() -> Queues {
+    let ex = executor();
+    let foreground = ex.create_task_queue(
+        Shares::Static(FOREGROUND_SHARES),
+        Latency::Matters(Duration::from_millis(1)),
+        "foreground",
+    );
+    let background = ex.create_task_queue(
+        Shares::Static(BACKGROUND_SHARES),
+        Latency::NotImportant,
+        "background",
+    );
+    Queues {
+        foreground,
+        background,
+    }
+}
+
+/// glommio 0.9.0 decides whether a device supports iopoll by reading offset 0 of the first
+/// DMA file opened on it; when that file is empty the probe wrongly enables polling and every
+/// later read fails with EOPNOTSUPP (upstream issues #605 and #670). So each executor first
+/// opens and reads a known non-empty file, before any other DMA file.
+pub async fn probe_iopoll(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(IO_PROBE_FILE);
+    let ok = std::fs::metadata(&path).is_ok_and(|m| m.len() >= 4096);
+    if !ok {
+        // Buffered on purpose: opening it with DMA first is exactly what the probe must avoid.
+        let tmp = dir.join(format!("{IO_PROBE_FILE}.tmp"));
+        std::fs::write(&tmp, vec![0x4bu8; 4096])?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    let f = glommio::io::DmaFile::open(&path).await?;
+    f.read_at_aligned(0, 4096).await?;
+    f.close().await?;
+    Ok(())
+}
+
+/// Spawns one executor thread running `f(queues)` after the probe.
+pub fn spawn_executor<F, Fut, T>(
+    cfg: ExecConfig,
+    f: F,
+) -> std::io::Result<glommio::ExecutorJoinHandle<std::io::Result<T>>>
+where
+    F: FnOnce(Queues) -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    let dir = cfg.data_dir.clone();
+    let h = cfg.builder().spawn(move || async move {
+        probe_iopoll(&dir).await?;
+        let q = make_queues();
+        Ok(f(q).await)
+    });
+    h.map_err(std::io::Error::from)
+}
+
+/// One executor per listed core (or unbound executors when `cores` holds `None`s).
+pub fn spawn_per_core<F, Fut, T>(
+    cores: &[Option<usize>],
+    data_dir: &Path,
+    f: F,
+) -> std::io::Result<Vec<glommio::ExecutorJoinHandle<std::io::Result<T>>>>
+where
+    F: Fn(usize, Queues) -> Fut + Send + Clone + 'static,
+    Fut: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    let mut v = Vec::with_capacity(cores.len());
+    for (i, core) in cores.iter().enumerate() {
+        let f = f.clone();
+        v.push(spawn_executor(
+            ExecConfig::new(*core, data_dir),
+            move |q| f(i, q),
+        )?);
+    }
+    Ok(v)
+}
+
+/// Runs `f` to completion on a fresh unbound executor in the calling thread (tools, tests).
+pub fn run_local<F, Fut, T>(data_dir: &Path, f: F) -> std::io::Result<T>
+where
+    F: FnOnce(Queues) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let ex: LocalExecutor = ExecConfig::new(None, data_dir).builder().make()?;
+    let dir = data_dir.to_path_buf();
+    ex.run(async move {
+        probe_iopoll(&dir).await?;
+        let q = make_queues();
+        Ok(f(q).await)
+    })
+}
