@@ -175,3 +175,30 @@ pub fn init_card(
     loaded?;
     Card::open(hsm, label, user_pin.clone())
 }
+
+/// `keyfort card ceremony-kit`: makes a kit in `out` with a throwaway SoftHSM token under
+/// `out/.scratch-softhsm`, deleted afterwards. Must be the process's first PKCS#11 use.
+pub fn make_kit_with_scratch_token(
+    out: &Path,
+    vendor: &str,
+    realm: &str,
+    same_vendor_as: Option<&Path>,
+) -> Result<CeremonyKit> {
+    let scratch = out.join(".scratch-softhsm");
+    let hsm = crate::softhsm::open_token_dir(&scratch)?;
+    let pin = Pin::new(format!("{:032x}", rand::random::<u128>()));
+    let result = (|| -> Result<CeremonyKit> {
+        hsm.init_token("keyfort-kit-scratch", &pin, &pin)?;
+        let slot = hsm.slot_by_label("keyfort-kit-scratch")?;
+        let session = hsm.ctx.open_rw_session(slot)?;
+        crate::card::login(&session, &pin)?;
+        let kit = match same_vendor_as {
+            Some(dir) => CeremonyKit::read(dir)?.new_realm(&session, realm)?,
+            None => CeremonyKit::generate(&session, vendor, realm)?,
+        };
+        kit.write(out)?;
+        Ok(kit)
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}

@@ -40,6 +40,18 @@ macro_rules! hex_id {
     };
 }
 hex_id!(PartitionId);
+
+impl PartitionId {
+    pub fn random() -> Self {
+        PartitionId(rand::random())
+    }
+}
+
+impl KeyId {
+    pub fn random() -> Self {
+        KeyId(rand::random())
+    }
+}
 hex_id!(KeyId);
 
 /// What a key is for. Stable wire values.
