@@ -73,7 +73,10 @@ pub fn raw_write_fdatasync(dir: &Path, iters: usize) -> std::io::Result<LatencyS
         let off = ((i * BLOCK) % FILE_BYTES) as i64;
         let start = Instant::now();
         // SAFETY: as above.
-        check(unsafe { libc::pwrite(fd, block.ptr.cast(), BLOCK, off) }, "pwrite")?;
+        check(
+            unsafe { libc::pwrite(fd, block.ptr.cast(), BLOCK, off) },
+            "pwrite",
+        )?;
         // SAFETY: fd is open.
         check(unsafe { libc::fdatasync(fd) } as isize, "fdatasync")?;
         record_ns(&mut hist, start.elapsed().as_nanos() as u64);

@@ -5,7 +5,11 @@ use keyfort_tools::{card::CardCmd, wbl_cmd::WblCmd};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "keyfort", version, about = "keyfort: HSM-backed replicated key store")]
+#[command(
+    name = "keyfort",
+    version,
+    about = "keyfort: HSM-backed replicated key store"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
