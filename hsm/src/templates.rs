@@ -95,7 +95,7 @@ pub fn partition_key_load(aes: bool, usage: PartitionKeyUse) -> Template {
             KeyType::GENERIC_SECRET
         }),
         Attribute::Token(false),
-        Attribute::Private(true),
+        Attribute::Private(false),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::WrapWithTrusted(true),
@@ -115,7 +115,7 @@ pub fn partition_key_load(aes: bool, usage: PartitionKeyUse) -> Template {
 pub fn partition_key_generate(aes: bool, usage: PartitionKeyUse) -> Vec<Attribute> {
     let mut a = vec![
         Attribute::Token(false),
-        Attribute::Private(true),
+        Attribute::Private(false),
         Attribute::Sensitive(true),
         Attribute::Extractable(true),
         Attribute::WrapWithTrusted(true),
@@ -162,7 +162,7 @@ impl PartitionKeyUse {
 pub fn customer_key_generate() -> Vec<Attribute> {
     vec![
         Attribute::Token(false),
-        Attribute::Private(true),
+        Attribute::Private(false),
         Attribute::Sensitive(true),
         Attribute::Extractable(true),
         Attribute::Encrypt(false),
@@ -180,7 +180,7 @@ pub fn customer_key_load() -> Template {
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Token(false),
-        Attribute::Private(true),
+        Attribute::Private(false),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Encrypt(true),
