@@ -120,6 +120,8 @@ impl SegReader {
     }
 }
 
+static ZERO_BLOCK: [u8; BLOCK] = [0; BLOCK];
+
 enum Stop {
     Clean,
     Stale,
@@ -499,16 +501,12 @@ async fn torn_window(
         if b.len() < BLOCK {
             break;
         }
-        let nonzero = b.iter().any(|x| *x != 0);
+        let nonzero = b != &ZERO_BLOCK[..];
         let live = get_u32(b, 0) == RECORD_MAGIC && live_record_at(rd, q, h.epoch, path).await?;
         if q - pos > MAX_BATCH_BYTES as u64 {
             if live {
-                return Err(corrupt(
-                    path,
-                    q,
-                    e,
-                    format!("valid record beyond the torn tail at {pos}"),
-                ));
+                let reason = format!("valid record at offset {q}, more than one batch beyond");
+                return Err(corrupt(path, pos, e, reason));
             }
         } else if nonzero {
             zero_end = q + BLOCK as u64;
