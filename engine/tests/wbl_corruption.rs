@@ -26,7 +26,7 @@ fn records(seg: &Path) -> Vec<(u64, u64, usize)> {
     let mut pos = BLOCK;
     while pos + 4 <= img.len() {
         let magic = u32::from_le_bytes(img[pos..pos + 4].try_into().unwrap());
-        if magic == 0 && pos % BLOCK != 0 {
+        if magic == 0 && !pos.is_multiple_of(BLOCK) {
             pos = pos.div_ceil(BLOCK) * BLOCK;
             continue;
         }
