@@ -28,7 +28,10 @@ enum Cmd {
         cmd: WblCmd,
     },
     /// Run the README's main job on the embedded defaults.
-    Demo,
+    Demo(keyfort_tools::demo::DemoArgs),
+    /// The demo's WBL writer child (killed by the demo; not for operators).
+    #[command(hide = true)]
+    DemoWblWriter(keyfort_tools::demo::WriterArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,7 +39,8 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Card { cmd } => keyfort_tools::card::run(cmd),
         Cmd::Wbl { cmd } => keyfort_tools::wbl_cmd::run(cmd),
-        Cmd::Demo => keyfort_tools::demo::run(),
+        Cmd::Demo(a) => keyfort_tools::demo::run(a),
+        Cmd::DemoWblWriter(a) => keyfort_tools::demo::writer(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
