@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod card;
 pub mod ceremony;
+pub mod ecdh;
 pub mod error;
 pub mod format;
 pub mod hsm;
@@ -16,6 +17,9 @@ pub mod pool;
 pub mod raw;
 pub mod softhsm;
 pub mod templates;
+
+/// The cryptoki version this crate speaks, for audits and benchmarks of raw card calls.
+pub use cryptoki;
 
 pub use card::{Card, CardIdentity, CoreSession};
 pub use ceremony::{init_card, CeremonyKit};
