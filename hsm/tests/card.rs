@@ -439,3 +439,24 @@ fn blocking_pool_runs_card_work_on_its_own_sessions() {
     let pt = pool.run(move |s| s.decrypt(&blob, &env, b"")).unwrap();
     assert_eq!(pt, b"pooled");
 }
+
+#[test]
+fn an_adapter_kbk_of_another_vendor_does_not_load() {
+    // The kit's vendor KBK stands in for the one a production card holds from the factory: an
+    // adapter KBK wrapped under another vendor's KBK must not unwrap on it.
+    let f = fixture();
+    let ours = f.kit("acme", "realm-a").unwrap();
+    let theirs = f.kit("globex", "realm-a").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    ours.write(dir.path()).unwrap();
+    std::fs::write(
+        dir.path().join(keyfort_hsm::ceremony::KIT_ADAPTER_FILE),
+        theirs.adapter_wrapped,
+    )
+    .unwrap();
+    let mixed = CeremonyKit::read(dir.path()).unwrap();
+    let e = init_card(f.hsm(), "mixed-vendor", &f.so_pin(), &f.user_pin(), &mixed).unwrap_err();
+    assert!(matches!(e, CardError::BadMac { .. }), "{e:?}");
+    assert!(format!("{mixed:?}").contains("<redacted>"));
+    assert!(format!("{:?}", f.user_pin()).contains("<redacted>"));
+}
