@@ -1,11 +1,12 @@
-//! `keyfort card ...`: the ceremony and card inspection (owned by the card work).
+//! `keyfort card ...`: the ceremony, card inspection, and single-card key operations on files
+//! (the demo drives each node's card through these, one process per card).
 //!
 //! PINs are read from `KEYFORT_PIN_FILE` / `KEYFORT_SO_PIN_FILE` (or `KEYFORT_PIN` /
 //! `KEYFORT_SO_PIN`), never from arguments, and are never printed.
 
 use clap::Subcommand;
 use keyfort_hsm::softhsm::open_token_dir;
-use keyfort_hsm::{init_card, Card, CeremonyKit, PartitionId, Pin};
+use keyfort_hsm::{init_card, Card, CeremonyKit, CoreSession, KeyHeader, KeyId, PartitionId, Pin};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Subcommand)]
@@ -61,6 +62,57 @@ pub enum CardCmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Create an AES-256 key in the card under a partition and write its masked blob.
+    KeyCreate {
+        #[command(flatten)]
+        card: CardAt,
+        /// The partition config (imported into the card first).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// AES-256-GCM encrypt a file with a masked key (verified and unwrapped in the card).
+    Encrypt {
+        #[command(flatten)]
+        card: CardAt,
+        #[command(flatten)]
+        io: KeyIo,
+    },
+    /// Decrypt an envelope made by `encrypt`, on any card of the partition's realm.
+    Decrypt {
+        #[command(flatten)]
+        card: CardAt,
+        #[command(flatten)]
+        io: KeyIo,
+    },
+}
+
+/// Which card: its token directory (one per node) and token label.
+#[derive(Debug, clap::Args)]
+pub struct CardAt {
+    #[arg(long)]
+    token_dir: PathBuf,
+    #[arg(long)]
+    label: String,
+}
+
+/// Files of a single-key operation.
+#[derive(Debug, clap::Args)]
+pub struct KeyIo {
+    /// The partition config (imported into the card first).
+    #[arg(long)]
+    config: PathBuf,
+    /// The masked key blob.
+    #[arg(long)]
+    blob: PathBuf,
+    #[arg(long = "in")]
+    input: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Additional authenticated data, bound to the ciphertext.
+    #[arg(long, default_value = "")]
+    aad: String,
 }
 
 pub fn run(cmd: CardCmd) -> crate::CmdResult {
@@ -136,7 +188,61 @@ pub fn run(cmd: CardCmd) -> crate::CmdResult {
             println!("partition {id}: imports on card {label}");
             Ok(())
         }
+        CardCmd::KeyCreate { card, config, out } => {
+            let mut session = session_with_partition(&card, &config)?;
+            let header = KeyHeader::aes(session.1, KeyId::random(), 1);
+            let blob = session.0.create_key(&header).map_err(s)?;
+            write(&out, &blob)?;
+            println!(
+                "key {} v1 created in card {}: masked blob ({} bytes) written to {}",
+                header.key_id,
+                card.label,
+                blob.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        CardCmd::Encrypt { card, io } => {
+            let (mut session, _) = session_with_partition(&card, &io.config)?;
+            let (blob, input) = (read(&io.blob)?, read(&io.input)?);
+            let env = session
+                .encrypt(&blob, &input, io.aad.as_bytes())
+                .map_err(s)?;
+            write(&io.out, &env)?;
+            println!("encrypted {} bytes in card {}", input.len(), card.label);
+            Ok(())
+        }
+        CardCmd::Decrypt { card, io } => {
+            let (mut session, _) = session_with_partition(&card, &io.config)?;
+            let (blob, input) = (read(&io.blob)?, read(&io.input)?);
+            let plain = session
+                .decrypt(&blob, &input, io.aad.as_bytes())
+                .map_err(s)?;
+            write(&io.out, &plain)?;
+            println!("decrypted {} bytes in card {}", plain.len(), card.label);
+            Ok(())
+        }
     }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn write(path: &Path, bytes: &[u8]) -> crate::CmdResult {
+    std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Opens a session on the card and imports the partition config into it (partition keys are
+/// session objects rebuilt from the config, never token objects).
+fn session_with_partition(
+    at: &CardAt,
+    config: &Path,
+) -> Result<(CoreSession, PartitionId), String> {
+    let card = open(&at.token_dir, &at.label)?;
+    let mut session = card.session().map_err(s)?;
+    let id = session.import_partition(&read(config)?).map_err(s)?;
+    Ok((session, id))
 }
 
 fn s(e: keyfort_hsm::CardError) -> String {

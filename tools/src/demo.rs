@@ -39,7 +39,218 @@ pub fn run(args: DemoArgs) -> crate::CmdResult {
     let shards = args
         .shards
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    cards_demo(&args.data_dir.join("cards"))?;
     wbl_crash_drill(&args.data_dir.join("wbl"), shards, args.seconds)
+}
+
+/// Nodes (one card each, each in its own token directory) in the card demo.
+const DEMO_NODES: usize = 3;
+
+/// Runs `keyfort card ARGS` as a child process (each card lives in its own process, as each
+/// node's will) and returns its stdout; a failure carries the child's stderr.
+fn card_cli(pins: &Path, args: &[&str]) -> Result<String, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+    let out = Command::new(exe)
+        .arg("card")
+        .args(args)
+        .env("KEYFORT_PIN_FILE", pins.join("user.pin"))
+        .env("KEYFORT_SO_PIN_FILE", pins.join("so.pin"))
+        .output()
+        .map_err(|e| format!("keyfort card {}: {e}", args[0]))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// One timed demo step: prints what the card said and how long the whole process took.
+fn step(what: &str, pins: &Path, args: &[&str]) -> Result<String, String> {
+    let t = Instant::now();
+    let out = card_cli(pins, args).map_err(|e| format!("{what}: {e}"))?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "{what:<44} {ms:>7.1} ms  {}",
+        out.lines().last().unwrap_or("")
+    );
+    Ok(out)
+}
+
+/// The card: ceremony for three cards of one realm, a partition shared by all of them, a masked
+/// key made on one card and used on the others, and a card of another realm refused.
+fn cards_demo(dir: &Path) -> crate::CmdResult {
+    println!("== cards: {DEMO_NODES} SoftHSM cards of one realm (times include process start and C_Initialize)");
+    let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(io)?;
+    // Development PINs, in files only the demo reads: never on a command line or in a log.
+    std::fs::write(dir.join("user.pin"), random_pin()).map_err(io)?;
+    std::fs::write(dir.join("so.pin"), random_pin()).map_err(io)?;
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let (kit, rogue_kit) = (p("kit"), p("kit-other-realm"));
+    step(
+        "ceremony kit (vendor KBK, adapter KBK)",
+        dir,
+        &["ceremony-kit", "--out", &kit, "--realm", "demo-realm"],
+    )?;
+    step(
+        "ceremony kit of another realm, same vendor",
+        dir,
+        &[
+            "ceremony-kit",
+            "--out",
+            &rogue_kit,
+            "--realm",
+            "other-realm",
+            "--same-vendor-as",
+            &kit,
+        ],
+    )?;
+    let node = |n: usize| (p(&format!("node-{n}/card")), format!("node-{n}"));
+    for n in 1..=DEMO_NODES {
+        let (td, label) = node(n);
+        step(
+            &format!("card init {label} (SO loads both layers)"),
+            dir,
+            &["init", "--token-dir", &td, "--label", &label, "--kit", &kit],
+        )?;
+    }
+    let cfg = p("partition.cfg");
+    let (td1, l1) = node(1);
+    step(
+        "partition create on node-1",
+        dir,
+        &[
+            "partition-create",
+            "--token-dir",
+            &td1,
+            "--label",
+            &l1,
+            "--out",
+            &cfg,
+        ],
+    )?;
+    for n in 2..=DEMO_NODES {
+        let (td, label) = node(n);
+        step(
+            &format!("partition import on {label}"),
+            dir,
+            &[
+                "partition-import",
+                "--token-dir",
+                &td,
+                "--label",
+                &label,
+                "--config",
+                &cfg,
+            ],
+        )?;
+    }
+    let (blob, msg, env, back) = (
+        p("key.blob"),
+        p("message.txt"),
+        p("message.env"),
+        p("message.out"),
+    );
+    let secret = b"keyfort demo: plaintext only the cards of one realm can recover";
+    std::fs::write(&msg, secret).map_err(io)?;
+    step(
+        "masked key created on node-1",
+        dir,
+        &[
+            "key-create",
+            "--token-dir",
+            &td1,
+            "--label",
+            &l1,
+            "--config",
+            &cfg,
+            "--out",
+            &blob,
+        ],
+    )?;
+    let (td2, l2) = node(2);
+    let (td3, l3) = node(DEMO_NODES);
+    let kio = |i: &str, o: &str| {
+        vec![
+            "--config".to_string(),
+            cfg.clone(),
+            "--blob".into(),
+            blob.clone(),
+            "--in".into(),
+            i.into(),
+            "--out".into(),
+            o.into(),
+            "--aad".into(),
+            "demo".into(),
+        ]
+    };
+    let args = |op: &str, td: &str, l: &str, i: &str, o: &str| {
+        let mut v = vec![
+            op.to_string(),
+            "--token-dir".into(),
+            td.into(),
+            "--label".into(),
+            l.into(),
+        ];
+        v.extend(kio(i, o));
+        v
+    };
+    let a = args("encrypt", &td2, &l2, &msg, &env);
+    step(
+        "encrypt on node-2 with node-1's key",
+        dir,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let a = args("decrypt", &td3, &l3, &env, &back);
+    step(
+        &format!("decrypt on node-{DEMO_NODES}"),
+        dir,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    if std::fs::read(&back).map_err(io)? != secret {
+        return Err("decrypt on another card returned different bytes".into());
+    }
+    let rogue = p("rogue/card");
+    step(
+        "card init rogue (another realm)",
+        dir,
+        &[
+            "init",
+            "--token-dir",
+            &rogue,
+            "--label",
+            "rogue",
+            "--kit",
+            &rogue_kit,
+        ],
+    )?;
+    match card_cli(
+        dir,
+        &[
+            "partition-import",
+            "--token-dir",
+            &rogue,
+            "--label",
+            "rogue",
+            "--config",
+            &cfg,
+        ],
+    ) {
+        Ok(_) => return Err("a card of another realm imported the partition config".into()),
+        Err(e) => println!("{:<44} refused: {e}", "partition import on the rogue card"),
+    }
+    println!("every card of the realm uses the shared key; the other realm's card is refused");
+    Ok(())
+}
+
+/// A random development PIN (hex of 16 random bytes from the OS).
+fn random_pin() -> String {
+    let mut b = [0u8; 16];
+    let f = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    f.expect("/dev/urandom is readable");
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn shard_dir(dir: &Path, shard: usize) -> PathBuf {
