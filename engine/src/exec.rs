@@ -82,6 +82,19 @@ pub fn make_queues() -> Queues {
 /// later read fails with EOPNOTSUPP (upstream issues #605 and #670). So each executor first
 /// opens and reads a known non-empty file, before any other DMA file.
 pub async fn probe_iopoll(dir: &Path) -> std::io::Result<()> {
+    let path = ensure_probe_file(dir)?;
+    probe_file(&path).await
+}
+
+/// The probe on an existing non-empty file, for read-only tools that must not write.
+pub async fn probe_file(path: &Path) -> std::io::Result<()> {
+    let f = glommio::io::DmaFile::open(path).await?;
+    f.read_at_aligned(0, 4096).await?;
+    f.close().await?;
+    Ok(())
+}
+
+fn ensure_probe_file(dir: &Path) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(IO_PROBE_FILE);
     let ok = std::fs::metadata(&path).is_ok_and(|m| m.len() >= 4096);
@@ -92,10 +105,7 @@ pub async fn probe_iopoll(dir: &Path) -> std::io::Result<()> {
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &path)?;
     }
-    let f = glommio::io::DmaFile::open(&path).await?;
-    f.read_at_aligned(0, 4096).await?;
-    f.close().await?;
-    Ok(())
+    Ok(path)
 }
 
 /// Spawns one executor thread running `f(queues)` after the probe.
@@ -145,10 +155,20 @@ where
     F: FnOnce(Queues) -> Fut,
     Fut: Future<Output = T>,
 {
-    let ex: LocalExecutor = ExecConfig::new(None, data_dir).builder().make()?;
-    let dir = data_dir.to_path_buf();
+    let probe = ensure_probe_file(data_dir)?;
+    run_local_probing(&probe, f)
+}
+
+/// Like [`run_local`], probing with an existing non-empty file and writing nothing.
+pub fn run_local_probing<F, Fut, T>(probe: &Path, f: F) -> std::io::Result<T>
+where
+    F: FnOnce(Queues) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let dir = probe.parent().unwrap_or(Path::new("."));
+    let ex: LocalExecutor = ExecConfig::new(None, dir).builder().make()?;
     ex.run(async move {
-        probe_iopoll(&dir).await?;
+        probe_file(probe).await?;
         let q = make_queues();
         Ok(f(q).await)
     })
