@@ -65,7 +65,7 @@ proptest! {
     #[test]
     fn segment_header_footer_and_slot_round_trip(a: u64, b: u64, c: u64, d: u64) {
         let mut blk = vec![0xAAu8; BLOCK];
-        let h = SegmentHeader { epoch: a, seq: b, first_lsn: c, chain_seed: d, segment_bytes: a ^ d };
+        let h = SegmentHeader { epoch: a, seq: b, first_lsn: c, chain_seed: d, segment_bytes: a ^ d, recycled: c % 2 == 0 };
         encode_header(&mut blk, &h);
         prop_assert_eq!(decode_header(&blk).unwrap(), h);
         let f = SegmentFooter { epoch: a, last_lsn: b, chain_head: c };

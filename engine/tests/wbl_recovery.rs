@@ -233,3 +233,47 @@ fn read_only_open_refuses_appends() {
         check_all(&ro, 100).await;
     });
 }
+
+fn inodes(dir: &std::path::Path, prefix: &str) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.metadata().unwrap().ino())
+        .collect()
+}
+
+#[test]
+fn released_segments_are_recycled_and_their_stale_records_never_read_as_live() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = log_dir(root.path());
+    let mut freed = Vec::new();
+    run(root.path(), || async {
+        let (wbl, _) = Wbl::open(&dir, opts()).await.unwrap();
+        for _ in 0..8 {
+            let until = wbl.last_lsn() + 50;
+            append_concurrently(&wbl, 4, until, 20_000).await;
+            wbl.release_prefix(wbl.durable_lsn() - 30).await.unwrap();
+            freed.extend(inodes(&dir, "free-"));
+        }
+        check_all(&wbl, 20_000).await;
+        wbl.close().await.unwrap();
+    });
+    let live = inodes(&dir, "seg-");
+    assert!(
+        live.iter().any(|i| freed.contains(i)),
+        "no segment was recycled"
+    );
+    run(root.path(), || async {
+        let (wbl, report) = Wbl::open(&dir, opts()).await.unwrap();
+        assert!(report.torn_tail.is_none(), "{report:?}");
+        assert_eq!(report.last_lsn, 400);
+        check_all(&wbl, 20_000).await;
+        append_concurrently(&wbl, 4, 450, 20_000).await;
+        wbl.close().await.unwrap();
+        let (wbl, report) = Wbl::open(&dir, opts()).await.unwrap();
+        assert!(report.torn_tail.is_none(), "{report:?}");
+        check_all(&wbl, 20_000).await;
+    });
+}

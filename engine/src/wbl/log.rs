@@ -8,8 +8,8 @@ use super::record::{
 };
 use super::scan::{hard_state_or_default, recover, Recovered, TornFix};
 use super::segment::{
-    encode_footer, encode_header, prepare_segment, segment_path, sync_dir, SegmentFooter,
-    SegmentHeader,
+    encode_footer, encode_header, free_file_name, prepare_segment, segment_path, sync_dir,
+    SegmentFooter, SegmentHeader,
 };
 use super::*;
 use glommio::io::{DmaFile, OpenOptions};
@@ -55,6 +55,9 @@ struct Active {
     file: Rc<DmaFile>,
     pos: u64,
     header_written: bool,
+    /// The file may hold stale bytes after our data (recycled): each batch then also writes
+    /// the following block as zeros, so a clean end is never mistaken for a torn one.
+    end_marker: bool,
 }
 
 struct State {
@@ -84,10 +87,13 @@ struct State {
     segs: VecDeque<SegInfo>,
     files: HashMap<u32, Rc<DmaFile>>,
     active: Option<Active>,
-    prep: Option<(u64, Task<std::io::Result<()>>)>,
+    /// The next segment being prepared; resolves to whether it is a recycled file.
+    prep: Option<(u64, Task<std::io::Result<bool>>)>,
     max_epoch: u64,
     next_seq: u64,
     writer: Option<Task<()>>,
+    /// Released segment files kept for recycling (at most `RECYCLE_POOL_MAX`).
+    free: Vec<PathBuf>,
 }
 
 struct Inner {
@@ -168,6 +174,24 @@ async fn open_rw(path: &Path, read_only: bool) -> Result<DmaFile, WblError> {
         .dma_open(path)
         .await
         .map_err(io_err(path))
+}
+
+/// Released files left by an earlier run; extras beyond the pool bound are deleted.
+fn free_files(dir: &Path) -> Result<Vec<PathBuf>, WblError> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| WblError::io(dir, e))? {
+        let p = e.map_err(|e| WblError::io(dir, e))?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !name.starts_with("free-") {
+            continue;
+        }
+        if v.len() < RECYCLE_POOL_MAX {
+            v.push(p);
+        } else {
+            std::fs::remove_file(&p).map_err(|e| WblError::io(&p, e))?;
+        }
+    }
+    Ok(v)
 }
 
 /// Makes the torn range unreadable before any new append lands after it.
@@ -280,6 +304,7 @@ impl Wbl {
                 file: files[&(last.header.seq as u32)].clone(),
                 pos,
                 header_written: true,
+                end_marker: last.header.recycled,
             }),
             _ => None,
         };
@@ -317,6 +342,11 @@ impl Wbl {
             max_epoch: rec.max_epoch,
             next_seq: rec.max_seq.map_or(0, |s| s + 1),
             writer: None,
+            free: if read_only {
+                Vec::new()
+            } else {
+                free_files(dir)?
+            },
         })
     }
 
@@ -326,10 +356,23 @@ impl Wbl {
         let path = segment_path(&inner.dir, seq);
         let dir = inner.dir.clone();
         let (bytes, method) = (inner.opts.segment_bytes, inner.opts.prep_method);
+        let free = inner.st.borrow_mut().free.pop();
         let task = spawn(
             async move {
-                prepare_segment(&path, bytes, method).await?;
-                sync_dir(&dir)
+                let recycled = match free {
+                    // Every block of a released segment was written before: as cheap to
+                    // overwrite as a zero-filled one, and its stale records carry older epochs.
+                    Some(old) if std::fs::metadata(&old).is_ok_and(|m| m.len() == bytes) => {
+                        std::fs::rename(&old, &path)?;
+                        true
+                    }
+                    _ => {
+                        prepare_segment(&path, bytes, method).await?;
+                        false
+                    }
+                };
+                sync_dir(&dir)?;
+                Ok(recycled)
             },
             inner.opts.background_queue,
         );
@@ -540,8 +583,15 @@ impl Wbl {
     /// Returns the new first LSN.
     pub async fn release_prefix(&self, lsn: u64) -> Result<u64, WblError> {
         let mut released = false;
-        while let Some(path) = self.release_one(lsn) {
-            std::fs::remove_file(&path).map_err(|e| WblError::io(&path, e))?;
+        while let Some((seq, path)) = self.release_one(lsn) {
+            let mut st = self.inner.st.borrow_mut();
+            if self.inner.opts.recycle && st.free.len() < RECYCLE_POOL_MAX {
+                let free = self.inner.dir.join(free_file_name(seq));
+                std::fs::rename(&path, &free).map_err(|e| WblError::io(&path, e))?;
+                st.free.push(free);
+            } else {
+                std::fs::remove_file(&path).map_err(|e| WblError::io(&path, e))?;
+            }
             released = true;
         }
         if released {
@@ -550,7 +600,7 @@ impl Wbl {
         Ok(self.first_lsn())
     }
 
-    fn release_one(&self, lsn: u64) -> Option<PathBuf> {
+    fn release_one(&self, lsn: u64) -> Option<(u64, PathBuf)> {
         let mut st = self.inner.st.borrow_mut();
         let limit = lsn.min(st.durable_lsn() + 1);
         let next = st.segs.get(1)?;
@@ -564,7 +614,7 @@ impl Wbl {
         st.first_lsn = first;
         st.base_chain = seed;
         st.files.remove(&(gone.seq as u32));
-        Some(gone.path)
+        Some((gone.seq, gone.path))
     }
 
     /// Stops the writer after it has made everything enqueued durable.
@@ -773,7 +823,7 @@ fn apply_batch(inner: &Inner, recs: &[Pending], seg: u64, offsets: &[u64]) {
 async fn write_batch(inner: &Rc<Inner>, recs: &[Pending]) -> Result<(u64, Vec<u64>), WblError> {
     let bytes: usize = recs.iter().map(|p| encoded_len(p.payload.len())).sum();
     ensure_room(inner, bytes).await?;
-    let (file, seq, epoch, start, header) = {
+    let (file, seq, epoch, start, header, end_marker) = {
         let st = inner.st.borrow();
         let a = st.active.as_ref().expect("ensure_room activates a segment");
         let header = (!a.header_written).then(|| SegmentHeader {
@@ -782,12 +832,16 @@ async fn write_batch(inner: &Rc<Inner>, recs: &[Pending]) -> Result<(u64, Vec<u6
             first_lsn: recs[0].lsn,
             chain_seed: recs[0].seed,
             segment_bytes: inner.opts.segment_bytes,
+            recycled: a.end_marker,
         });
-        (a.file.clone(), a.seq, a.epoch, a.pos, header)
+        (a.file.clone(), a.seq, a.epoch, a.pos, header, a.end_marker)
     };
     let hdr_len = if header.is_some() { BLOCK } else { 0 };
     let total = align_up((hdr_len + bytes) as u64) as usize;
-    let mut buf = file.alloc_dma_buffer(total);
+    // The marker block lies where the next batch or the footer goes (ensure_room keeps it
+    // inside the segment), so it never overwrites acknowledged bytes.
+    let marker = if end_marker { BLOCK } else { 0 };
+    let mut buf = file.alloc_dma_buffer(total + marker);
     let b = buf.as_bytes_mut();
     b.fill(0);
     if let Some(h) = &header {
@@ -800,8 +854,11 @@ async fn write_batch(inner: &Rc<Inner>, recs: &[Pending]) -> Result<(u64, Vec<u6
         .collect();
     let path = segment_path(&inner.dir, seq);
     let n = file.write_at(buf, start).await.map_err(io_err(&path))?;
-    if n != total {
-        return Err(WblError::io(&path, format!("short write {n} of {total}")));
+    if n != total + marker {
+        return Err(WblError::io(
+            &path,
+            format!("short write {n} of {}", total + marker),
+        ));
     }
     file.fdatasync().await.map_err(io_err(&path))?;
     let mut st = inner.st.borrow_mut();
@@ -902,7 +959,7 @@ async fn activate_next(inner: &Rc<Inner>) -> Result<(), WblError> {
     let prep = inner.st.borrow_mut().prep.take();
     let seq = inner.st.borrow().next_seq;
     let path = segment_path(&inner.dir, seq);
-    match prep {
+    let recycled = match prep {
         Some((s, task)) if s == seq => task.await.map_err(|e| WblError::io(&path, e))?,
         _ => {
             let (b, m) = (inner.opts.segment_bytes, inner.opts.prep_method);
@@ -910,8 +967,9 @@ async fn activate_next(inner: &Rc<Inner>) -> Result<(), WblError> {
                 .await
                 .map_err(|e| WblError::io(&path, e))?;
             sync_dir(&inner.dir).map_err(|e| WblError::io(&inner.dir, e))?;
+            false
         }
-    }
+    };
     let file = Rc::new(open_rw(&path, false).await?);
     {
         let mut st = inner.st.borrow_mut();
@@ -924,6 +982,7 @@ async fn activate_next(inner: &Rc<Inner>) -> Result<(), WblError> {
             file,
             pos: 0,
             header_written: false,
+            end_marker: recycled,
         });
         st.next_seq = seq + 1;
     }

@@ -40,6 +40,8 @@ pub const MAX_PENDING_RECORDS: usize = 65536;
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 /// A segment must hold its header block, one maximum record and the footer block.
 pub const SEGMENT_BYTES_MIN: u64 = (2 * BLOCK + MAX_RECORD_BYTES.div_ceil(BLOCK) * BLOCK) as u64;
+/// Released segment files kept for recycling; more are deleted.
+pub const RECYCLE_POOL_MAX: usize = 2;
 /// Scanner read size during recovery.
 pub const SCAN_CHUNK_BYTES: usize = 1024 * 1024;
 /// Chunks read ahead by the scanner while it verifies the current one.
@@ -54,6 +56,9 @@ pub struct WblOptions {
     pub segment_bytes: u64,
     /// How the next segment is prepared in the background.
     pub prep_method: PrepMethod,
+    /// Keep released segments (up to [`RECYCLE_POOL_MAX`]) and reuse them as the next
+    /// segment instead of zero-filling a new file.
+    pub recycle: bool,
     /// Verify only: never zero a torn tail, delete or create a file, or accept appends.
     pub read_only: bool,
     /// Task queue of the writer (foreground); `None` = the caller's current queue.
@@ -67,6 +72,7 @@ impl Default for WblOptions {
         WblOptions {
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             prep_method: PrepMethod::ZeroFill,
+            recycle: true,
             read_only: false,
             writer_queue: None,
             background_queue: None,

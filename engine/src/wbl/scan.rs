@@ -399,6 +399,8 @@ async fn scan_records(
         }
         if magic == FOOTER_MAGIC && aligned {
             return match decode_footer(bytes) {
+                // A footer of an earlier use of a recycled file is stale, like its records.
+                Ok(f) if f.epoch != h.epoch => Ok((Stop::Stale, pos)),
                 Ok(f) => check_footer(&f, h, path, pos, chain).map(|()| (Stop::Footer, pos)),
                 Err(err) => Ok((Stop::Invalid(format!("segment footer: {err}")), pos)),
             };
@@ -522,7 +524,8 @@ async fn torn_window(
     };
     let reason = match stop {
         Stop::Invalid(r) => Some(r),
-        Stop::Clean if zero_end > align_up(pos) => {
+        // Stale bytes after a clean end are expected in a recycled file, not in a zeroed one.
+        Stop::Clean if zero_end > align_up(pos) && !h.recycled => {
             Some("unwritten block inside the last batch".into())
         }
         _ if live_in_window => Some("records after a gap in the last batch".into()),

@@ -38,7 +38,13 @@ pub struct SegmentHeader {
     /// Chain head at `first_lsn - 1`.
     pub chain_seed: u64,
     pub segment_bytes: u64,
+    /// The file is a recycled segment: stale bytes of its earlier use may follow the data
+    /// (header byte 5, bit 0).
+    pub recycled: bool,
 }
+
+/// Header byte 5, bit 0: see [`SegmentHeader::recycled`].
+const FLAG_RECYCLED: u8 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentFooter {
@@ -50,6 +56,11 @@ pub struct SegmentFooter {
 
 pub fn segment_file_name(seq: u64) -> String {
     format!("seg-{seq:016x}.wbl")
+}
+
+/// Name of a released segment kept for recycling; the scanner ignores it.
+pub fn free_file_name(seq: u64) -> String {
+    format!("free-{seq:016x}.wbl")
 }
 
 pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -82,7 +93,12 @@ fn check_prefix(b: &[u8], magic: u32, crc_at: usize) -> Result<(), MetaError> {
     if b[4] != SEGMENT_VERSION {
         return Err(MetaError::BadVersion(b[4]));
     }
-    if b[5..8] != [0; 3] {
+    let flags_allowed = if magic == SEGMENT_MAGIC {
+        FLAG_RECYCLED
+    } else {
+        0
+    };
+    if b[5] & !flags_allowed != 0 || b[6..8] != [0; 2] {
         return Err(MetaError::BadReserved);
     }
     if get_u32(b, crc_at) != crc32c::crc32c(&b[..crc_at]) {
@@ -95,6 +111,7 @@ fn check_prefix(b: &[u8], magic: u32, crc_at: usize) -> Result<(), MetaError> {
 pub fn encode_header(b: &mut [u8], h: &SegmentHeader) {
     b[..BLOCK].fill(0);
     put_prefix(b, SEGMENT_MAGIC);
+    b[5] = if h.recycled { FLAG_RECYCLED } else { 0 };
     b[8..16].copy_from_slice(&h.epoch.to_le_bytes());
     b[16..24].copy_from_slice(&h.seq.to_le_bytes());
     b[24..32].copy_from_slice(&h.first_lsn.to_le_bytes());
@@ -112,6 +129,7 @@ pub fn decode_header(b: &[u8]) -> Result<SegmentHeader, MetaError> {
         first_lsn: get_u64(b, 24),
         chain_seed: get_u64(b, 32),
         segment_bytes: get_u64(b, 40),
+        recycled: b[5] & FLAG_RECYCLED != 0,
     })
 }
 
