@@ -100,7 +100,10 @@ fn ensure_probe_file(dir: &Path) -> std::io::Result<PathBuf> {
     let ok = std::fs::metadata(&path).is_ok_and(|m| m.len() >= 4096);
     if !ok {
         // Buffered on purpose: opening it with DMA first is exactly what the probe must avoid.
-        let tmp = dir.join(format!("{IO_PROBE_FILE}.tmp"));
+        // Several executors (threads or processes) may create it at once: private temp names.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("{IO_PROBE_FILE}.{}.{n}.tmp", std::process::id()));
         std::fs::write(&tmp, vec![0x4bu8; 4096])?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &path)?;
