@@ -167,10 +167,18 @@ fn validate(opts: &WblOptions) -> Result<(), WblError> {
     Ok(())
 }
 
+/// Opens a log file for direct I/O. Writable handles are `O_DSYNC`: each write returns only
+/// once durable, so a batch costs one io_uring operation instead of a write plus an fdatasync.
+/// Measured here (4 KiB, p50): write + fdatasync through the ring ~400 µs, one `O_DSYNC`
+/// write ~245 µs (each ring operation that the kernel punts to a worker costs ~100 µs on this
+/// VM). Segments are zero-filled or recycled, so a write changes no metadata and `O_DSYNC`
+/// needs no more than the data itself on the device.
 async fn open_rw(path: &Path, read_only: bool) -> Result<DmaFile, WblError> {
+    let flags = if read_only { 0 } else { libc::O_DSYNC };
     OpenOptions::new()
         .read(true)
         .write(!read_only)
+        .custom_flags(flags)
         .dma_open(path)
         .await
         .map_err(io_err(path))
@@ -860,7 +868,7 @@ async fn write_batch(inner: &Rc<Inner>, recs: &[Pending]) -> Result<(u64, Vec<u6
             format!("short write {n} of {}", total + marker),
         ));
     }
-    file.fdatasync().await.map_err(io_err(&path))?;
+    // Durable on return: the file is O_DSYNC (see `open_rw`).
     let mut st = inner.st.borrow_mut();
     if let Some(h) = header {
         st.segs.push_back(SegInfo {
@@ -944,7 +952,7 @@ async fn seal_active(inner: &Rc<Inner>) -> Result<(), WblError> {
     let mut buf = file.alloc_dma_buffer(BLOCK);
     encode_footer(buf.as_bytes_mut(), &footer);
     file.write_at(buf, pos).await.map_err(io_err(&path))?;
-    file.fdatasync().await.map_err(io_err(&path))?;
+    // Durable on return: the file is O_DSYNC (see `open_rw`).
     let mut st = inner.st.borrow_mut();
     let last = st
         .segs
@@ -1016,7 +1024,7 @@ async fn write_hard(inner: &Rc<Inner>, hs: HardState) -> Result<(), WblError> {
     file.write_at(buf, slot_offset(slot.seq))
         .await
         .map_err(io_err(&path))?;
-    file.fdatasync().await.map_err(io_err(&path))?;
+    // Durable on return: the file is O_DSYNC (see `open_rw`).
     let mut st = inner.st.borrow_mut();
     st.hard_slot_seq = slot.seq;
     st.hard = slot.state;

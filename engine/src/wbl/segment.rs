@@ -164,8 +164,13 @@ pub enum PrepMethod {
     Append,
 }
 
-/// Chunk used for zero filling; one large direct write each.
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
+/// Chunk used for zero filling, one direct write in flight at a time. Small on purpose: the
+/// writer's fdatasync queues behind whatever prep write is in flight, and 256 KiB costs ~0.4 ms
+/// on this disk (~600 MB/s) where 1 MiB cost ~1.7 ms and showed up as the append p99.
+const ZERO_CHUNK_BYTES: usize = 256 << 10;
+/// Pause between zero-fill chunks so segment preparation leaves the disk to the log most of
+/// the time; a 64 MiB segment still prepares in ~0.25 s, far less than it takes to fill one.
+const ZERO_CHUNK_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// Creates `path` (replacing any file there) sized and prepared by `method`, durably.
 pub async fn prepare_segment(
@@ -183,6 +188,7 @@ pub async fn prepare_segment(
                 buf.as_bytes_mut().fill(0);
                 file.write_at(buf, pos).await?;
                 pos += n as u64;
+                glommio::timer::sleep(ZERO_CHUNK_PAUSE).await;
             }
         }
         PrepMethod::Fallocate => file.pre_allocate(segment_bytes, false).await?,
