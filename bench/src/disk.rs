@@ -125,3 +125,42 @@ pub fn sequential_read_gb_per_s(files: &[std::path::PathBuf]) -> std::io::Result
         Ok(total as f64 / start.elapsed().as_secs_f64() / 1e9)
     })?
 }
+
+/// The same durable 4 KiB write as [`raw_write_fdatasync`], but the way an executor must issue
+/// it: one O_DIRECT|O_DSYNC write through glommio's io_uring, awaited. The gap between the two
+/// is what the ring costs on this machine (the kernel punts the write to a worker thread).
+pub fn ring_dsync_write(dir: &Path, iters: usize) -> std::io::Result<LatencySummary> {
+    use glommio::io::OpenOptions as RingOpen;
+    const FILE_BYTES: u64 = 64 << 20;
+    let path = dir.join("ring-dsync.ref");
+    let d = dir.to_path_buf();
+    let p = path.clone();
+    let summary = keyfort_engine::exec::run_local(&d, move |_q| async move {
+        let file = RingOpen::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DSYNC)
+            .dma_open(&p)
+            .await?;
+        let mut off = 0;
+        while off < FILE_BYTES {
+            let mut b = file.alloc_dma_buffer(1 << 20);
+            b.as_bytes_mut().fill(0);
+            file.write_at(b, off).await?;
+            off += 1 << 20;
+        }
+        let mut hist = latency_histogram();
+        for i in 0..iters as u64 {
+            let mut b = file.alloc_dma_buffer(BLOCK);
+            b.as_bytes_mut().fill(0xA5);
+            let start = Instant::now();
+            file.write_at(b, (i * BLOCK as u64) % FILE_BYTES).await?;
+            record_ns(&mut hist, start.elapsed().as_nanos() as u64);
+        }
+        file.close().await?;
+        Ok::<_, std::io::Error>(LatencySummary::of(&hist))
+    })??;
+    std::fs::remove_file(&path)?;
+    Ok(summary)
+}

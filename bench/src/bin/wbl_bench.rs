@@ -216,6 +216,12 @@ fn main() {
     let raw_p99 = median(raw.iter().map(|r| r.p99_us).collect());
     let raw_p999 = median(raw.iter().map(|r| r.p999_us).collect());
     println!("raw 4 KiB O_DIRECT write+fdatasync: p50 {raw_p50:.0} us  p99 {raw_p99:.0} us  p999 {raw_p999:.0} us");
+    let ring: Vec<LatencySummary> = (0..args.runs)
+        .map(|_| disk::ring_dsync_write(&args.dir, 3000).expect("ring reference"))
+        .collect();
+    let ring_p50 = median(ring.iter().map(|r| r.p50_us).collect());
+    let ring_p99 = median(ring.iter().map(|r| r.p99_us).collect());
+    println!("ring 4 KiB O_DIRECT|O_DSYNC write via io_uring: p50 {ring_p50:.0} us  p99 {ring_p99:.0} us");
 
     println!(
         "{:>9} {:>8} {:>12} {:>9} {:>8} {:>8} {:>8}",
@@ -300,6 +306,8 @@ fn main() {
         "raw_fdatasync_latency_us_p50": raw_p50,
         "raw_fdatasync_latency_us_p99": raw_p99,
         "raw_fdatasync_latency_us_p999": raw_p999,
+        "ring_dsync_write_latency_us_p50": ring_p50,
+        "ring_dsync_write_latency_us_p99": ring_p99,
         "scan_gb_per_s": scan,
         "disk_read_gb_per_s": read,
         "scan_fraction_of_disk": scan / read,
