@@ -2,8 +2,8 @@
 //! previous write did not use, so a torn write can only damage the newer copy and load falls
 //! back to the older one.
 
-use super::record::{get_u32, get_u64};
-use super::segment::MetaError;
+use super::record::get_u64;
+use super::segment::{check_meta_block, MetaError};
 use super::BLOCK;
 
 /// "KFHS" little-endian.
@@ -39,22 +39,7 @@ pub fn encode_slot(b: &mut [u8], s: &HardStateSlot) {
 }
 
 pub fn decode_slot(b: &[u8]) -> Result<HardStateSlot, MetaError> {
-    if b.len() < BLOCK {
-        return Err(MetaError::Truncated(b.len()));
-    }
-    let magic = get_u32(b, 0);
-    if magic != HARDSTATE_MAGIC {
-        return Err(MetaError::BadMagic(magic));
-    }
-    if b[4] != HARDSTATE_VERSION {
-        return Err(MetaError::BadVersion(b[4]));
-    }
-    if b[5..8] != [0; 3] {
-        return Err(MetaError::BadReserved);
-    }
-    if get_u32(b, CRC_AT) != crc32c::crc32c(&b[..CRC_AT]) {
-        return Err(MetaError::BadCrc);
-    }
+    check_meta_block(b, HARDSTATE_MAGIC, HARDSTATE_VERSION, 0, CRC_AT)?;
     let state = HardState {
         term: get_u64(b, 16),
         vote: get_u64(b, 24),

@@ -83,6 +83,24 @@ fn put_prefix(b: &mut [u8], magic: u32) {
 }
 
 fn check_prefix(b: &[u8], magic: u32, crc_at: usize) -> Result<(), MetaError> {
+    let flags_allowed = if magic == SEGMENT_MAGIC {
+        FLAG_RECYCLED
+    } else {
+        0
+    };
+    check_meta_block(b, magic, SEGMENT_VERSION, flags_allowed, crc_at)
+}
+
+/// The checks every one-block metadata structure (segment header, footer, hard-state slot)
+/// shares: length, magic (bytes 0..4), version (byte 4), flags (byte 5) within
+/// `flags_allowed`, reserved bytes 6..8 zero, and the crc32c of `b[..crc_at]` stored at `crc_at`.
+pub(crate) fn check_meta_block(
+    b: &[u8],
+    magic: u32,
+    version: u8,
+    flags_allowed: u8,
+    crc_at: usize,
+) -> Result<(), MetaError> {
     if b.len() < BLOCK {
         return Err(MetaError::Truncated(b.len()));
     }
@@ -90,14 +108,9 @@ fn check_prefix(b: &[u8], magic: u32, crc_at: usize) -> Result<(), MetaError> {
     if m != magic {
         return Err(MetaError::BadMagic(m));
     }
-    if b[4] != SEGMENT_VERSION {
+    if b[4] != version {
         return Err(MetaError::BadVersion(b[4]));
     }
-    let flags_allowed = if magic == SEGMENT_MAGIC {
-        FLAG_RECYCLED
-    } else {
-        0
-    };
     if b[5] & !flags_allowed != 0 || b[6..8] != [0; 2] {
         return Err(MetaError::BadReserved);
     }
