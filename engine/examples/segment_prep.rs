@@ -27,12 +27,16 @@ enum Method {
 
 async fn prepare(m: Method, path: &Path, old: &Path) -> std::io::Result<()> {
     match m {
-        Method::ZeroFilled => prepare_segment(path, SEGMENT_BYTES, PrepMethod::ZeroFill).await,
-        Method::Fallocated => prepare_segment(path, SEGMENT_BYTES, PrepMethod::Fallocate).await,
-        Method::Append => prepare_segment(path, SEGMENT_BYTES, PrepMethod::Append).await,
+        Method::ZeroFilled => {
+            prepare_segment(path, SEGMENT_BYTES, PrepMethod::ZeroFill, false).await
+        }
+        Method::Fallocated => {
+            prepare_segment(path, SEGMENT_BYTES, PrepMethod::Fallocate, false).await
+        }
+        Method::Append => prepare_segment(path, SEGMENT_BYTES, PrepMethod::Append, false).await,
         Method::Recycled => {
             // A released segment: every block written before (with old records), renamed.
-            prepare_segment(old, SEGMENT_BYTES, PrepMethod::ZeroFill).await?;
+            prepare_segment(old, SEGMENT_BYTES, PrepMethod::ZeroFill, false).await?;
             std::fs::rename(old, path)?;
             std::fs::File::open(path.parent().unwrap())?.sync_all()
         }

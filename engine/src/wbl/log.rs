@@ -365,6 +365,9 @@ impl Wbl {
         let dir = inner.dir.clone();
         let (bytes, method) = (inner.opts.segment_bytes, inner.opts.prep_method);
         let free = inner.st.borrow_mut().free.pop();
+        // Pace only when a live segment takes appends; a log's first segment has no one to
+        // yield to, and its first append is waiting for it.
+        let paced = inner.st.borrow().active.is_some();
         let task = spawn(
             async move {
                 let recycled = match free {
@@ -375,7 +378,7 @@ impl Wbl {
                         true
                     }
                     _ => {
-                        prepare_segment(&path, bytes, method).await?;
+                        prepare_segment(&path, bytes, method, paced).await?;
                         false
                     }
                 };
@@ -971,7 +974,7 @@ async fn activate_next(inner: &Rc<Inner>) -> Result<(), WblError> {
         Some((s, task)) if s == seq => task.await.map_err(|e| WblError::io(&path, e))?,
         _ => {
             let (b, m) = (inner.opts.segment_bytes, inner.opts.prep_method);
-            prepare_segment(&path, b, m)
+            prepare_segment(&path, b, m, false)
                 .await
                 .map_err(|e| WblError::io(&path, e))?;
             sync_dir(&inner.dir).map_err(|e| WblError::io(&inner.dir, e))?;

@@ -185,11 +185,14 @@ const ZERO_CHUNK_BYTES: usize = 256 << 10;
 /// the time; a 64 MiB segment still prepares in ~0.25 s, far less than it takes to fill one.
 const ZERO_CHUNK_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
 
-/// Creates `path` (replacing any file there) sized and prepared by `method`, durably.
+/// Creates `path` (replacing any file there) sized and prepared by `method`, durably. `paced`
+/// zero-fills in small paced chunks, for when a live segment's appends share the disk; without
+/// it (nothing is being written, or the writer itself waits for this segment) it runs flat out.
 pub async fn prepare_segment(
     path: &Path,
     segment_bytes: u64,
     method: PrepMethod,
+    paced: bool,
 ) -> std::io::Result<()> {
     let file = glommio::io::DmaFile::create(path).await?;
     match method {
@@ -201,7 +204,9 @@ pub async fn prepare_segment(
                 buf.as_bytes_mut().fill(0);
                 file.write_at(buf, pos).await?;
                 pos += n as u64;
-                glommio::timer::sleep(ZERO_CHUNK_PAUSE).await;
+                if paced {
+                    glommio::timer::sleep(ZERO_CHUNK_PAUSE).await;
+                }
             }
         }
         PrepMethod::Fallocate => file.pre_allocate(segment_bytes, false).await?,
