@@ -2,4 +2,6 @@
 //! recovery tiers. Everything here runs on glommio executors built by [`exec`].
 
 pub mod exec;
+pub mod snapshot;
+pub mod state;
 pub mod wbl;
