@@ -177,3 +177,4 @@ pub fn log(max: usize) -> impl Strategy<Value = Vec<(RecordKind, Vec<u8>)>> {
         out
     })
 }
+pub mod card;

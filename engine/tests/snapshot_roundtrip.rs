@@ -1,0 +1,161 @@
+//! Snapshots are reduce(log[0..=lsn]): opening one and replaying the rest of the log reproduces
+//! the state of applying the whole log, byte for byte.
+
+mod state_common;
+
+use keyfort_engine::snapshot::{self, Snapshot, SnapshotError, SnapshotMeta, WriteOptions};
+use keyfort_engine::state::{Op, OutcomeCode, PutOp, StateMachine};
+use keyfort_engine::wbl::RecordKind;
+use proptest::prelude::*;
+use state_common::*;
+
+type Log = Vec<(RecordKind, Vec<u8>)>;
+
+/// Small blocks so that even short logs span several blocks and the index matters.
+fn small_blocks() -> WriteOptions {
+    WriteOptions {
+        block_bytes_target: 400,
+    }
+}
+
+fn meta(s: &StateMachine) -> SnapshotMeta {
+    SnapshotMeta {
+        lsn: s.lsn_applied(),
+        term: 3,
+        chain_head: 0xC0FFEE ^ s.lsn_applied(),
+        voters: vec![1, 2, 3],
+        learners: vec![7],
+    }
+}
+
+fn apply_range(s: &mut StateMachine, log: &Log, from: usize, to: usize) {
+    for (i, (k, p)) in log.iter().enumerate().take(to).skip(from) {
+        s.apply(i as u64 + 1, *k, p);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn open_of_snapshot_n_plus_replay_of_the_rest_equals_applying_the_whole_log(
+        log in log(120), cut in any::<prop::sample::Index>(), window in 5u64..60,
+    ) {
+        let card = card::session();
+        let dir = tempfile::tempdir().unwrap();
+        let n = cut.index(log.len() + 1);
+        let mut whole = StateMachine::with_idempotency_window(window);
+        apply_range(&mut whole, &log, 0, log.len());
+
+        let mut prefix = StateMachine::with_idempotency_window(window);
+        apply_range(&mut prefix, &log, 0, n);
+        let path = snapshot::write_with(dir.path(), &prefix, &meta(&prefix), &card, &small_blocks()).unwrap();
+        let (snap, mut loaded) = Snapshot::open_state(&path, &card).unwrap();
+        prop_assert_eq!(&loaded, &prefix);
+        prop_assert_eq!(snap.digest(), prefix.digest());
+        prop_assert_eq!(snap.footer().voters.clone(), vec![1, 2, 3]);
+        for e in prefix.keys() {
+            prop_assert_eq!(snap.get(e.slot()).unwrap(), Some(e.clone()));
+        }
+        prop_assert_eq!(snap.get((partition(9), key(9), 1)).unwrap(), None);
+
+        apply_range(&mut loaded, &log, n, log.len());
+        prop_assert_eq!(loaded.digest(), whole.digest());
+        prop_assert_eq!(&loaded, &whole);
+    }
+
+    #[test]
+    fn a_deleted_key_is_absent_from_every_snapshot_at_or_after_the_delete(log in log(100)) {
+        let card = card::session();
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = StateMachine::new();
+        // (lsn, partition, key) of successful deletes and creates.
+        let mut deletes = Vec::new();
+        let mut creates = Vec::new();
+        let mut snaps = Vec::new();
+        for (i, (k, p)) in log.iter().enumerate() {
+            let lsn = i as u64 + 1;
+            let r = s.apply(lsn, *k, p);
+            match (Op::decode(*k, p), r.outcome.code, r.duplicate_of_lsn) {
+                (Ok(Op::KeyDelete { partition, key_id, .. }), OutcomeCode::Deleted, None) => {
+                    deletes.push((lsn, partition, key_id))
+                }
+                (Ok(Op::KeyPut(put)), OutcomeCode::Created, None) if put.op == PutOp::Create => {
+                    creates.push((lsn, put.header.partition, put.header.key_id))
+                }
+                _ => {}
+            }
+            if lsn.is_multiple_of(15) || lsn == log.len() as u64 {
+                let path = snapshot::write_with(dir.path(), &s, &meta(&s), &card, &small_blocks()).unwrap();
+                snaps.push((lsn, path));
+            }
+        }
+        for (d, p, k) in &deletes {
+            for (lsn, path) in snaps.iter().filter(|(lsn, _)| lsn >= d) {
+                let recreated = creates.iter().any(|(c, cp, ck)| c > d && c <= lsn && cp == p && ck == k);
+                if recreated {
+                    continue;
+                }
+                let (snap, state) = Snapshot::open_state(path, &card).unwrap();
+                prop_assert_eq!(state.versions(*p, *k).count(), 0);
+                for v in 0..6 {
+                    prop_assert_eq!(snap.get((*p, *k, v)).unwrap(), None);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn snapshots_are_listed_by_lsn_and_leave_no_temporary_file() {
+    let card = card::session();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = StateMachine::new();
+    for lsn in [1u64, 2, 300] {
+        let op = Step::Cluster { c: lsn as u8 }.op().unwrap();
+        s.apply(lsn, op.kind(), &op.encode());
+        snapshot::write(dir.path(), &s, &meta(&s), &card).unwrap();
+    }
+    let lsns: Vec<u64> = snapshot::list(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|(l, _)| l)
+        .collect();
+    assert_eq!(lsns, [1, 2, 300]);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+}
+
+#[test]
+fn an_empty_state_round_trips() {
+    let card = card::session();
+    let dir = tempfile::tempdir().unwrap();
+    let s = StateMachine::new();
+    let path = snapshot::write(dir.path(), &s, &meta(&s), &card).unwrap();
+    let (snap, loaded) = Snapshot::open_state(&path, &card).unwrap();
+    assert_eq!(loaded, s);
+    assert_eq!(snap.footer().block_count, 0);
+}
+
+#[test]
+fn a_snapshot_whose_lsn_is_not_the_applied_lsn_is_refused() {
+    let card = card::session();
+    let dir = tempfile::tempdir().unwrap();
+    let s = StateMachine::new();
+    let mut m = meta(&s);
+    m.lsn = 5;
+    assert!(matches!(
+        snapshot::write(dir.path(), &s, &m, &card),
+        Err(SnapshotError::Invalid(_))
+    ));
+}
+
+#[test]
+fn a_footer_macd_by_another_realm_is_refused_as_bad_mac() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = StateMachine::new();
+    let path = snapshot::write(dir.path(), &s, &meta(&s), &card::other_realm_session()).unwrap();
+    let err = Snapshot::open(&path, &card::session()).unwrap_err();
+    assert!(matches!(err, SnapshotError::BadMac { .. }), "{err}");
+    // Every other check still passes without a card.
+    assert!(!Snapshot::open_without_mac(&path).unwrap().mac_checked());
+}
