@@ -88,7 +88,8 @@ pub struct Checkpoint {
     pub lsn_covered: u64,
     pub chain_head: u64,
     pub digest: [u8; 16],
-    /// HMAC-SHA256 with the cluster integrity key over the 41 bytes before it.
+    /// HMAC-SHA256 with the cluster integrity key over payload bytes 0..33 (made in the card by
+    /// the proposer; apply is pure and does not check it).
     pub mac: [u8; 32],
 }
 
