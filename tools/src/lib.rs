@@ -3,6 +3,7 @@
 
 pub mod card;
 pub mod demo;
+pub mod snapshot_cmd;
 pub mod wbl_cmd;
 
 /// Outcome of a CLI subcommand: `Err` carries the one-line message printed before a non-zero exit.

@@ -1,7 +1,7 @@
 //! `keyfort`: the operator's CLI.
 
 use clap::{Parser, Subcommand};
-use keyfort_tools::{card::CardCmd, wbl_cmd::WblCmd};
+use keyfort_tools::{card::CardCmd, snapshot_cmd::SnapshotCmd, wbl_cmd::WblCmd};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -27,6 +27,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: WblCmd,
     },
+    /// Offline tools for a snapshot file.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
     /// Run the README's main job on the embedded defaults.
     Demo(keyfort_tools::demo::DemoArgs),
     /// The demo's WBL writer child (killed by the demo; not for operators).
@@ -39,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Card { cmd } => keyfort_tools::card::run(cmd),
         Cmd::Wbl { cmd } => keyfort_tools::wbl_cmd::run(cmd),
+        Cmd::Snapshot { cmd } => keyfort_tools::snapshot_cmd::run(cmd),
         Cmd::Demo(a) => keyfort_tools::demo::run(a),
         Cmd::DemoWblWriter(a) => keyfort_tools::demo::writer(a),
     };
