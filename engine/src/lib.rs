@@ -1,7 +1,9 @@
 //! keyfort-engine: the write-behind log, and (in later issues) the state machine, snapshots and
 //! recovery tiers. Everything here runs on glommio executors built by [`exec`].
 
+pub mod compaction;
 pub mod exec;
+pub mod recovery;
 pub mod snapshot;
 pub mod state;
 pub mod wbl;

@@ -1,0 +1,182 @@
+//! Local recovery: the newest snapshot that verifies (else the previous one, and so on) plus the
+//! WBL after its LSN up to the persisted commit. Entries above the commit stay in the log for raft
+//! to confirm or truncate. The peer and durable tiers are later issues.
+
+use crate::snapshot::{self, FooterMac, Snapshot, SnapshotError};
+use crate::state::StateMachine;
+use crate::wbl::{Wbl, WblError};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Records applied between two cooperative yields while replaying or compacting, so a long
+/// replay in a background queue does not starve the foreground queue of its executor.
+pub const APPLY_YIELD_RECORDS: u64 = 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecoveryError {
+    #[error(transparent)]
+    Wbl(#[from] WblError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// No snapshot verifies and the log does not start at LSN 1: the state cannot be rebuilt
+    /// locally (the peer tier takes over).
+    #[error(
+        "no usable snapshot in {dir} and the log starts at lsn {first_lsn}; skipped: {skipped}"
+    )]
+    NoUsableState {
+        dir: PathBuf,
+        first_lsn: u64,
+        skipped: String,
+    },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// A snapshot that was not used, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// The base a state is rebuilt from: a verified snapshot, or the empty state when the log still
+/// starts at LSN 1.
+pub struct Base {
+    pub state: StateMachine,
+    /// `None`: the empty state.
+    pub snapshot: Option<Snapshot>,
+    /// Newer snapshots that failed a check, newest first.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Opens the newest snapshot in `dir` that verifies (MAC, blocks, chain, digest) and that the
+/// log continues: the log holds the chain at its LSN (`wbl.chain_at`) and it equals the footer's
+/// chain head. Older ones are tried in turn; with none, the empty state if the log starts at 1.
+pub fn newest_usable(
+    dir: &Path,
+    wbl: &Wbl,
+    mac: &dyn FooterMac,
+    window_lsns: u64,
+) -> Result<Base, RecoveryError> {
+    let mut skipped = Vec::new();
+    for (lsn, path) in snapshot::list(dir)?.into_iter().rev() {
+        let reason = match Snapshot::open_state(&path, mac) {
+            Err(e) => e.to_string(),
+            Ok((snap, state)) => match wbl.chain_at(lsn) {
+                Some(c) if c == snap.footer().chain_head => {
+                    return Ok(Base {
+                        state,
+                        snapshot: Some(snap),
+                        skipped,
+                    })
+                }
+                Some(c) => format!(
+                    "footer chain head {:016x} differs from the log's {c:016x} at lsn {lsn}",
+                    snap.footer().chain_head
+                ),
+                None => format!(
+                    "the log ({}..={}) does not continue lsn {lsn}",
+                    wbl.first_lsn(),
+                    wbl.last_lsn()
+                ),
+            },
+        };
+        tracing::warn!(file = %path.display(), %reason, "snapshot skipped");
+        skipped.push(Skipped { path, reason });
+    }
+    if wbl.first_lsn() > 1 {
+        return Err(RecoveryError::NoUsableState {
+            dir: dir.to_path_buf(),
+            first_lsn: wbl.first_lsn(),
+            skipped: skipped
+                .iter()
+                .map(|s| format!("{}: {}", s.path.display(), s.reason))
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
+    Ok(Base {
+        state: StateMachine::with_idempotency_window(window_lsns),
+        snapshot: None,
+        skipped,
+    })
+}
+
+/// Applies the durable records `(state.lsn_applied(), to]` of `wbl` to `state`; returns how many.
+/// The log re-verifies every record (crc, and chain against its index, whose chain at the base
+/// LSN the caller compared with the snapshot footer), so the replayed chain continues it.
+pub async fn replay(wbl: &Wbl, state: &mut StateMachine, to: u64) -> Result<u64, RecoveryError> {
+    let mut n = 0;
+    let mut reader = wbl.reader(state.lsn_applied() + 1);
+    while state.lsn_applied() < to {
+        let Some(r) = reader.next().await else {
+            return Err(RecoveryError::Invalid(format!(
+                "the durable log ends at {} before lsn {to}",
+                state.lsn_applied()
+            )));
+        };
+        let r = r?;
+        state.apply(r.lsn, r.kind, &r.payload);
+        n += 1;
+        if n % APPLY_YIELD_RECORDS == 0 {
+            glommio::yield_if_needed().await;
+        }
+    }
+    Ok(n)
+}
+
+/// What local recovery did: the path taken and each phase's duration.
+#[derive(Debug)]
+pub struct LocalRecovery {
+    pub state: StateMachine,
+    /// The snapshot used; `None` = rebuilt from the empty state.
+    pub snapshot: Option<PathBuf>,
+    pub skipped: Vec<Skipped>,
+    pub lsn_snapshot: u64,
+    pub records_replayed: u64,
+    /// Finding, verifying and loading the snapshot.
+    pub open_duration: Duration,
+    pub replay_duration: Duration,
+}
+
+/// Local recovery of one shard whose log `wbl` is open: base from [`newest_usable`], then the log
+/// up to its persisted commit.
+pub async fn recover_local(
+    snapshot_dir: &Path,
+    wbl: &Wbl,
+    mac: &dyn FooterMac,
+    window_lsns: u64,
+) -> Result<LocalRecovery, RecoveryError> {
+    let t = Instant::now();
+    let base = newest_usable(snapshot_dir, wbl, mac, window_lsns)?;
+    let open_duration = t.elapsed();
+    let mut state = base.state;
+    let lsn_snapshot = state.lsn_applied();
+    let commit = wbl.hard_state().commit;
+    let t = Instant::now();
+    let records_replayed = replay(wbl, &mut state, commit).await?;
+    let replay_duration = t.elapsed();
+    let snapshot = base.snapshot.map(|s| s.path().to_path_buf());
+    tracing::info!(
+        path = match &snapshot {
+            Some(p) => p.display().to_string(),
+            None => "empty state".into(),
+        },
+        skipped = base.skipped.len(),
+        lsn_snapshot,
+        lsn_applied = state.lsn_applied(),
+        records_replayed,
+        open_ms = open_duration.as_secs_f64() * 1e3,
+        replay_ms = replay_duration.as_secs_f64() * 1e3,
+        "local recovery"
+    );
+    Ok(LocalRecovery {
+        state,
+        snapshot,
+        skipped: base.skipped,
+        lsn_snapshot,
+        records_replayed,
+        open_duration,
+        replay_duration,
+    })
+}
