@@ -243,14 +243,16 @@ fn zipf_hit_rate(card: &Card, config: &[u8]) -> f64 {
     (h1 - h0) as f64 / ((h1 - h0) + (m1 - m0)) as f64
 }
 
+/// Flags of `hsm_bench`.
+#[derive(clap::Parser)]
+struct Args {
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "docs/bench/hsm.json")]
+    out: PathBuf,
+}
+
 fn main() {
-    let mut out = PathBuf::from("docs/bench/hsm.json");
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--out" {
-            out = PathBuf::from(args.next().expect("--out FILE"));
-        }
-    }
+    let out = <Args as clap::Parser>::parse().out;
     let card = fixture().new_card("bench", "realm").expect("card");
     let mut s = card.session().expect("session");
     let config = s

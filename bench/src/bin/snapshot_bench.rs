@@ -35,32 +35,21 @@ const IN_FLIGHT: usize = 16_384;
 const LAT_APPENDERS: usize = 64;
 const LAT_PAYLOAD: usize = 128;
 
+/// Flags of `snapshot_bench`.
+#[derive(clap::Parser)]
 struct Args {
+    /// Scratch directory for the log and snapshots.
+    #[arg(long, default_value = "target/bench-snapshot")]
     dir: PathBuf,
+    /// Where to write the JSON results.
+    #[arg(long)]
     out: Option<PathBuf>,
+    /// Live keys at the end of the churn mix (2x creates, 2x updates, 1x deletes).
+    #[arg(long, default_value_t = 1_000_000)]
     keys: usize,
+    /// Seconds of each append-latency window.
+    #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-}
-
-fn parse_args() -> Args {
-    let mut a = Args {
-        dir: PathBuf::from("target/bench-snapshot"),
-        out: None,
-        keys: 1_000_000,
-        seconds: 3.0,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--dir" => a.dir = val().into(),
-            "--out" => a.out = Some(val().into()),
-            "--keys" => a.keys = val().parse().expect("--keys N"),
-            "--seconds" => a.seconds = val().parse().expect("--seconds S"),
-            other => panic!("unknown flag {other}; flags: --dir --out --keys --seconds"),
-        }
-    }
-    a
 }
 
 fn key_id(i: u64) -> KeyId {
@@ -546,7 +535,7 @@ fn restart_json(r: &RestartResult) -> serde_json::Value {
 }
 
 fn main() {
-    let args = parse_args();
+    let args = <Args as clap::Parser>::parse();
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir).expect("bench dir");
     let keys = args.keys;

@@ -16,35 +16,24 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+/// Flags of `wbl_bench`.
+#[derive(clap::Parser)]
 struct Args {
+    /// Scratch directory for the logs (on the disk being measured).
+    #[arg(long, default_value = "target/bench-wbl")]
     dir: PathBuf,
+    /// Where to write the JSON results.
+    #[arg(long)]
     out: Option<PathBuf>,
+    /// Runs per configuration; medians are reported.
+    #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Measured seconds per append run.
+    #[arg(long, default_value_t = 2.0)]
     seconds: f64,
-    scan_bytes: u64,
-}
-
-fn parse_args() -> Args {
-    let mut a = Args {
-        dir: PathBuf::from("target/bench-wbl"),
-        out: None,
-        runs: 3,
-        seconds: 2.0,
-        scan_bytes: 1 << 30,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--dir" => a.dir = val().into(),
-            "--out" => a.out = Some(val().into()),
-            "--runs" => a.runs = val().parse().expect("--runs N"),
-            "--seconds" => a.seconds = val().parse().expect("--seconds S"),
-            "--scan-mib" => a.scan_bytes = val().parse::<u64>().expect("--scan-mib N") << 20,
-            other => panic!("unknown flag {other}; flags: --dir --out --runs --seconds --scan-mib"),
-        }
-    }
-    a
+    /// Size of the log the recovery scan reads, in MiB.
+    #[arg(long = "scan-mib", default_value_t = 1024)]
+    scan_mib: u64,
 }
 
 /// One append run's figures.
@@ -200,7 +189,7 @@ fn summary_json(runs: &[AppendRun]) -> Value {
 }
 
 fn main() {
-    let args = parse_args();
+    let args = <Args as clap::Parser>::parse();
     std::fs::create_dir_all(&args.dir).expect("bench dir");
     println!(
         "wbl_bench: dir {} runs {} x {}s",
@@ -252,11 +241,8 @@ fn main() {
     let _ = std::fs::remove_dir_all(&run_dir);
 
     let scan_dir = args.dir.join("scan");
-    println!(
-        "filling a {} MiB log for the scan...",
-        args.scan_bytes >> 20
-    );
-    let wdir = fill_log(&scan_dir, args.scan_bytes);
+    println!("filling a {} MiB log for the scan...", args.scan_mib);
+    let wdir = fill_log(&scan_dir, args.scan_mib << 20);
     let files = segment_files(&wdir);
     let mut scans = Vec::new();
     let mut reads = Vec::new();
