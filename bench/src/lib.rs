@@ -2,6 +2,7 @@
 //! output, and the physical references (raw O_DIRECT write+fdatasync, sequential disk read) that
 //! every storage figure is compared against *in the same run*.
 
+pub mod appenders;
 pub mod disk;
 
 use hdrhistogram::Histogram;

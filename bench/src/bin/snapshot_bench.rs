@@ -9,7 +9,8 @@
 
 #![recursion_limit = "256"]
 
-use keyfort_bench::{latency_histogram, machine, record_ns, utc_date, write_json, LatencySummary};
+use keyfort_bench::appenders::closed_loop;
+use keyfort_bench::{machine, utc_date, write_json, LatencySummary};
 use keyfort_engine::compaction::{compact, CompactionConfig};
 use keyfort_engine::exec::{self, Queues};
 use keyfort_engine::recovery::{recover_local, replay};
@@ -331,47 +332,24 @@ struct LatencyResult {
 }
 
 /// 64 appenders of 128 B for at least `seconds`, and until `busy` turns false; returns the
-/// latencies and records/s.
+/// latencies, records/s and the seconds it ran.
 async fn appenders(
     wbl: &Wbl,
     q: &Queues,
     seconds: f64,
     busy: Rc<Cell<bool>>,
 ) -> (LatencySummary, f64, f64) {
-    let started = Instant::now();
-    let min_until = started + Duration::from_secs_f64(seconds);
-    let done = Rc::new(Cell::new(0u64));
-    let mut tasks = Vec::new();
-    for _ in 0..LAT_APPENDERS {
-        let (wbl, done, busy) = (wbl.clone(), done.clone(), busy.clone());
-        tasks.push(
-            glommio::spawn_local_into(
-                async move {
-                    let mut h = latency_histogram();
-                    let body = vec![0x5Au8; LAT_PAYLOAD];
-                    while Instant::now() < min_until || busy.get() {
-                        let t0 = Instant::now();
-                        let lsn = wbl.last_lsn() + 1;
-                        let d = wbl
-                            .append(RecordKind::RaftNormal, lsn, 1, body.clone())
-                            .expect("append");
-                        d.await.expect("durable");
-                        record_ns(&mut h, t0.elapsed().as_nanos() as u64);
-                        done.set(done.get() + 1);
-                    }
-                    h
-                },
-                q.foreground,
-            )
-            .expect("spawn"),
-        );
-    }
-    let mut all = latency_histogram();
-    for t in tasks {
-        all.add(t.await).expect("same bounds");
-    }
-    let secs = started.elapsed().as_secs_f64();
-    (LatencySummary::of(&all), done.get() as f64 / secs, secs)
+    let min_until = Instant::now() + Duration::from_secs_f64(seconds);
+    let keep_going = move || Instant::now() < min_until || busy.get();
+    let load = closed_loop(
+        wbl,
+        LAT_APPENDERS,
+        LAT_PAYLOAD,
+        Some(q.foreground),
+        keep_going,
+    )
+    .await;
+    (load.lat, load.records_per_s(), load.secs)
 }
 
 /// Phase 2: reopen the log; 64×128 B appenders idle, then again while a compaction of the full

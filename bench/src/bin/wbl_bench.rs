@@ -5,15 +5,12 @@
 //!
 //! `cargo run --release -p keyfort-bench --bin wbl_bench -- --out docs/bench/wbl.json`
 
-use keyfort_bench::{
-    disk, latency_histogram, machine, median, record_ns, write_json, LatencySummary,
-};
+use keyfort_bench::appenders::closed_loop;
+use keyfort_bench::{disk, machine, median, write_json, LatencySummary};
 use keyfort_engine::exec;
 use keyfort_engine::wbl::{RecordKind, Wbl, WblOptions};
 use serde_json::{json, Value};
-use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Flags of `wbl_bench`.
@@ -55,65 +52,28 @@ fn append_run(dir: &Path, appenders: usize, payload: usize, seconds: f64) -> App
             .expect("open wbl");
         // Warm up unmeasured: a fresh log prepares its first and next segments at open; a
         // long-running log has them ready. Rolls during the measured window are counted.
-        warm_up(&wbl, appenders, payload).await;
+        let warm_until = Instant::now() + WARM_UP;
+        closed_loop(&wbl, appenders, payload, None, move || {
+            Instant::now() < warm_until
+        })
+        .await;
         let stop_at = Instant::now() + Duration::from_secs_f64(seconds);
-        let started = Instant::now();
-        let done = Rc::new(Cell::new(0u64));
-        let mut tasks = Vec::new();
-        for _ in 0..appenders {
-            let (wbl, done) = (wbl.clone(), done.clone());
-            tasks.push(glommio::spawn_local(async move {
-                let mut h = latency_histogram();
-                let body = vec![0x5Au8; payload];
-                while Instant::now() < stop_at {
-                    let t0 = Instant::now();
-                    let lsn = wbl.last_lsn() + 1;
-                    let d = wbl
-                        .append(RecordKind::RaftNormal, lsn, 1, body.clone())
-                        .expect("append");
-                    d.await.expect("durable");
-                    record_ns(&mut h, t0.elapsed().as_nanos() as u64);
-                    done.set(done.get() + 1);
-                }
-                h
-            }));
-        }
-        let mut all = latency_histogram();
-        for t in tasks {
-            all.add(t.await).expect("same histogram bounds");
-        }
-        let secs = started.elapsed().as_secs_f64();
+        let load = closed_loop(&wbl, appenders, payload, None, move || {
+            Instant::now() < stop_at
+        })
+        .await;
         wbl.close().await.expect("close");
-        let n = done.get() as f64;
         AppendRun {
-            records_per_s: n / secs,
-            mb_per_s: n * payload as f64 / secs / 1e6,
-            lat: LatencySummary::of(&all),
+            records_per_s: load.records_per_s(),
+            mb_per_s: load.records_per_s() * payload as f64 / 1e6,
+            lat: load.lat,
         }
     })
     .expect("executor")
 }
 
-/// Unmeasured appends for `WARM_UP`.
-async fn warm_up(wbl: &Wbl, appenders: usize, payload: usize) {
-    const WARM_UP: Duration = Duration::from_millis(1000);
-    let stop_at = Instant::now() + WARM_UP;
-    let tasks: Vec<_> = (0..appenders)
-        .map(|_| {
-            let wbl = wbl.clone();
-            glommio::spawn_local(async move {
-                while Instant::now() < stop_at {
-                    let lsn = wbl.last_lsn() + 1;
-                    let d = wbl.append(RecordKind::RaftNormal, lsn, 1, vec![0; payload]);
-                    d.expect("append").await.expect("durable");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await;
-    }
-}
+/// Unmeasured appends before every measured run.
+const WARM_UP: Duration = Duration::from_millis(1000);
 
 /// Fills a log with `bytes` of 4 KiB-payload records (256 appenders, so batches reach the 1 MiB
 /// maximum and the fill runs near disk speed); returns the log directory.
