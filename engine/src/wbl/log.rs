@@ -116,7 +116,7 @@ enum Ticket {
     Hard(u64),
 }
 
-/// Resolves once what it stands for is durable (written and fdatasynced, log before hard
+/// Resolves once what it stands for is durable (an `O_DSYNC` write returned, log before hard
 /// state), or with the writer's error.
 #[must_use = "an append is acknowledged only when its Durable resolves"]
 pub struct Durable {
@@ -213,8 +213,8 @@ async fn apply_fix(dir: &Path, fix: &TornFix) -> Result<(), WblError> {
     let b = buf.as_bytes_mut();
     b.fill(0);
     b[..fix.prefix.len()].copy_from_slice(&fix.prefix);
+    // Durable on return: the file is O_DSYNC (see `open_rw`).
     file.write_at(buf, fix.block).await.map_err(io_err(&path))?;
-    file.fdatasync().await.map_err(io_err(&path))?;
     file.close().await.map_err(io_err(&path))
 }
 
@@ -829,7 +829,7 @@ fn apply_batch(inner: &Inner, recs: &[Pending], seg: u64, offsets: &[u64]) {
     }
 }
 
-/// One aligned write and one fdatasync for the whole batch; the header of a fresh segment
+/// One aligned durable (`O_DSYNC`) write for the whole batch; the header of a fresh segment
 /// rides in the same write.
 async fn write_batch(inner: &Rc<Inner>, recs: &[Pending]) -> Result<(u64, Vec<u64>), WblError> {
     let bytes: usize = recs.iter().map(|p| encoded_len(p.payload.len())).sum();
