@@ -3,7 +3,7 @@
 
 mod state_common;
 
-use keyfort_engine::compaction::{compact, compaction_due, CompactionConfig};
+use keyfort_engine::compaction::{compact, compaction_due, CompactionConfig, CompactionContext};
 use keyfort_engine::recovery::recover_local;
 use keyfort_engine::snapshot::{self, SnapshotMeta, WriteOptions};
 use keyfort_engine::state::{StateMachine, IDEMPOTENCY_WINDOW_LSNS};
@@ -11,6 +11,7 @@ use keyfort_engine::wbl::{HardState, RecordKind, Wbl, WblOptions};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, TestRunner};
 use state_common::*;
+use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
 
@@ -48,6 +49,13 @@ fn cfg() -> CompactionConfig {
     }
 }
 
+fn ctx() -> CompactionContext {
+    CompactionContext {
+        voters: vec![1, 2, 3],
+        ..Default::default()
+    }
+}
+
 async fn append(wbl: &Wbl, log: &Log, from: u64, to: u64) {
     let mut pending = Vec::new();
     for lsn in from..=to {
@@ -73,35 +81,66 @@ async fn commit(wbl: &Wbl, commit: u64) {
 fn reference(log: &Log, to: u64) -> StateMachine {
     let mut s = StateMachine::new();
     for (i, (k, p)) in log.iter().enumerate().take(to as usize) {
-        s.apply(i as u64 + 1, *k, p);
+        s.apply(i as u64 + 1, *k, p).unwrap();
     }
     s
 }
 
-/// Builds: snapshots at 300 (made while 301..600 are appended) and 600, log to 700, commit 650.
+/// Appends `from..=to` in chunks of 10 and applies each chunk once durable, yielding between
+/// chunks so a compaction in the background queue runs meanwhile.
+async fn append_apply(wbl: &Wbl, state: &RefCell<StateMachine>, log: &Log, from: u64, to: u64) {
+    let mut lsn = from;
+    while lsn <= to {
+        let end = (lsn + 9).min(to);
+        append(wbl, log, lsn, end).await;
+        for l in lsn..=end {
+            let (k, p) = &log[l as usize - 1];
+            state.borrow_mut().apply(l, *k, p).unwrap();
+        }
+        lsn = end + 1;
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Builds: snapshots at 300 (made while 301..600 are appended and applied) and 600, log to 700,
+/// commit 650.
 fn build(root: &Path, log: &Log) {
     let snaps = root.join("snap");
     std::fs::create_dir_all(&snaps).unwrap();
     keyfort_engine::exec::run_local(root, |q| async move {
         let card = Rc::new(card::session());
+        let state = Rc::new(RefCell::new(StateMachine::new()));
         let (wbl, _) = Wbl::open(root.join("wbl"), opts()).await.unwrap();
-        append(&wbl, log, 1, 300).await;
+        append_apply(&wbl, &state, log, 1, 300).await;
         commit(&wbl, 300).await;
         let task = {
-            let (wbl, card, snaps) = (wbl.clone(), card.clone(), snaps.clone());
+            let (wbl, card, snaps, state) =
+                (wbl.clone(), card.clone(), snaps.clone(), state.clone());
             glommio::spawn_local_into(
-                async move { compact(&snaps, &wbl, 300, vec![1, 2, 3], vec![], &*card, &cfg()).await },
+                async move { compact(&snaps, &state, &wbl, ctx(), &*card, &cfg()).await },
                 q.background,
             )
             .unwrap()
         };
-        append(&wbl, log, 301, 600).await;
+        append_apply(&wbl, &state, log, 301, 600).await;
         let first = task.await.unwrap();
-        assert_eq!((first.lsn, first.lsn_previous, first.records_applied), (300, 0, 300));
+        assert_eq!((first.lsn, first.lsn_previous), (300, 0));
+        assert_eq!(state.borrow().base().unwrap().lsn(), 300);
+        assert_eq!(
+            *state.borrow(),
+            reference(log, 600),
+            "compaction changed nothing logical"
+        );
         commit(&wbl, 600).await;
-        let second = compact(&snaps, &wbl, 600, vec![1, 2, 3], vec![], &*card, &cfg()).await.unwrap();
-        assert_eq!((second.lsn_previous, second.records_applied), (300, 300));
-        assert!(second.wbl_first_lsn <= 300, "the log is released only below the previous snapshot");
+        let second = compact(&snaps, &state, &wbl, ctx(), &*card, &cfg())
+            .await
+            .unwrap();
+        assert_eq!((second.lsn, second.lsn_previous), (600, 300));
+        assert_eq!(state.borrow().memtable_key_versions(), 0);
+        assert!(
+            second.wbl_first_lsn <= 300,
+            "the log is released only below the previous snapshot"
+        );
         append(&wbl, log, 601, 700).await;
         commit(&wbl, 650).await;
         wbl.close().await.unwrap();

@@ -16,7 +16,7 @@ fn sample(dir: &Path, card: &keyfort_hsm::CoreSession) -> PathBuf {
     let mut lsn = 0;
     let mut apply = |s: &mut StateMachine, op: keyfort_engine::state::Op| {
         lsn += 1;
-        s.apply(lsn, op.kind(), &op.encode());
+        s.apply(lsn, op.kind(), &op.encode()).unwrap();
     };
     apply(&mut s, Step::Cluster { c: 7 }.op().unwrap());
     apply(&mut s, Step::PartitionCreate { p: 0 }.op().unwrap());

@@ -8,15 +8,16 @@
 
 mod state_common;
 
-use keyfort_engine::compaction::{compact, CompactionConfig};
-use keyfort_engine::recovery::recover_local;
-use keyfort_engine::snapshot::{self, FooterMac, WriteOptions};
+use keyfort_engine::compaction::{compact, CompactionConfig, CompactionContext};
+use keyfort_engine::recovery::{recover_local, replay};
+use keyfort_engine::snapshot::{FooterMac, WriteOptions};
 use keyfort_engine::state::{StateMachine, IDEMPOTENCY_WINDOW_LSNS};
 use keyfort_engine::wbl::{HardState, RecordKind, Wbl, WblOptions};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use rand::Rng;
 use state_common::log;
+use std::cell::RefCell;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -86,24 +87,30 @@ fn crash_child_entry() {
             let (wbl, _) = Wbl::open(root.join("wbl"), opts()).await.unwrap();
             // Continue from where the previous (killed) child got; at the end keep rewriting
             // the last snapshot, so a kill always lands in some compaction.
+            let snaps = root.join("snap");
+            let r = recover_local(&snaps, &wbl, &SoftMac, IDEMPOTENCY_WINDOW_LSNS)
+                .await
+                .unwrap();
+            let state = RefCell::new(r.state);
             let started = std::time::Instant::now();
             while started.elapsed() < CHILD_LIFETIME {
-                let newest = snapshot::list(&root.join("snap"))
-                    .unwrap()
-                    .last()
-                    .map_or(0, |s| s.0);
-                let target = (newest + STEP).min(RECORDS);
-                let done = compact(
-                    &root.join("snap"),
+                let mut s = state.replace(StateMachine::new());
+                let target = (s.lsn_applied() + STEP).min(RECORDS);
+                replay(&wbl, &mut s, target).await.unwrap();
+                state.replace(s);
+                compact(
+                    &snaps,
+                    &state,
                     &wbl,
-                    target,
-                    vec![1],
-                    vec![],
+                    CompactionContext {
+                        voters: vec![1],
+                        ..Default::default()
+                    },
                     &SoftMac,
                     &cfg(),
                 )
-                .await;
-                done.unwrap();
+                .await
+                .unwrap();
             }
         })
         .unwrap();
@@ -139,7 +146,7 @@ fn sigkill_during_compaction_never_loses_the_committed_state() {
     .unwrap();
     let mut want = StateMachine::new();
     for (i, (k, p)) in log.iter().enumerate() {
-        want.apply(i as u64 + 1, *k, p);
+        want.apply(i as u64 + 1, *k, p).unwrap();
     }
     let mut rng = rand::thread_rng();
     for i in 0..8 {

@@ -30,7 +30,7 @@ fn meta(s: &StateMachine) -> SnapshotMeta {
 
 fn apply_range(s: &mut StateMachine, log: &Log, from: usize, to: usize) {
     for (i, (k, p)) in log.iter().enumerate().take(to).skip(from) {
-        s.apply(i as u64 + 1, *k, p);
+        s.apply(i as u64 + 1, *k, p).unwrap();
     }
 }
 
@@ -50,11 +50,11 @@ proptest! {
         let mut prefix = StateMachine::with_idempotency_window(window);
         apply_range(&mut prefix, &log, 0, n);
         let path = snapshot::write_with(dir.path(), &prefix, &meta(&prefix), &card, &small_blocks()).unwrap();
-        let (snap, mut loaded) = Snapshot::open_state(&path, &card).unwrap();
+        let (snap, mut loaded) = open_state(&path, &card);
         prop_assert_eq!(&loaded, &prefix);
         prop_assert_eq!(snap.digest(), prefix.digest());
         prop_assert_eq!(snap.footer().voters.clone(), vec![1, 2, 3]);
-        for e in prefix.keys() {
+        for e in prefix.keys().unwrap() {
             prop_assert_eq!(snap.get(e.slot()).unwrap(), Some(e.clone()));
         }
         prop_assert_eq!(snap.get((partition(9), key(9), 1)).unwrap(), None);
@@ -62,6 +62,53 @@ proptest! {
         apply_range(&mut loaded, &log, n, log.len());
         prop_assert_eq!(loaded.digest(), whole.digest());
         prop_assert_eq!(&loaded, &whole);
+    }
+
+    /// The layers (base snapshot, frozen memtable, memtable) never change what apply sees:
+    /// freezing at m1, writing and installing the frozen state while m1..m2 is applied (or
+    /// thawing it instead), then applying the rest equals applying the whole log flat.
+    #[test]
+    fn freeze_install_and_thaw_never_change_the_state(
+        log in log(150), cuts in any::<[prop::sample::Index; 3]>(), window in 5u64..60,
+        thaw in any::<bool>(),
+    ) {
+        let card = card::session();
+        let dir = tempfile::tempdir().unwrap();
+        let mut c: Vec<usize> = cuts.iter().map(|i| i.index(log.len() + 1)).collect();
+        c.sort();
+        let (n, m1, m2) = (c[0], c[1], c[2]);
+        let mut flat = StateMachine::with_idempotency_window(window);
+        apply_range(&mut flat, &log, 0, n);
+        let path = snapshot::write_with(dir.path(), &flat, &meta(&flat), &card, &small_blocks()).unwrap();
+        let (_, mut layered) = open_state(&path, &card);
+        apply_range(&mut flat, &log, n, m1);
+        apply_range(&mut layered, &log, n, m1);
+        prop_assert_eq!(&layered, &flat);
+        let frozen = layered.freeze().unwrap();
+        prop_assert!(layered.freeze().is_err(), "one compaction at a time");
+        apply_range(&mut flat, &log, m1, m2);
+        apply_range(&mut layered, &log, m1, m2);
+        prop_assert_eq!(&layered, &flat);
+        if thaw {
+            layered.thaw();
+            prop_assert!(layered.frozen().is_none());
+        } else {
+            let m = meta(&StateMachine::with_idempotency_window(window));
+            let m = SnapshotMeta { lsn: frozen.lsn(), ..m };
+            let pending = snapshot::begin(dir.path(), &frozen.view(), &m, &small_blocks()).unwrap();
+            let tag = card.mac(pending.footer_body()).unwrap();
+            let p = pending.finish(&tag).unwrap();
+            let snap = std::sync::Arc::new(Snapshot::open(&p, &card).unwrap());
+            prop_assert_eq!(snap.digest(), frozen.digest());
+            layered.install(snap).unwrap();
+        }
+        prop_assert_eq!(&layered, &flat);
+        prop_assert_eq!(layered.digest(), layered.digest_recomputed().unwrap());
+        apply_range(&mut flat, &log, m2, log.len());
+        apply_range(&mut layered, &log, m2, log.len());
+        prop_assert_eq!(layered.digest(), flat.digest());
+        prop_assert_eq!(&layered, &flat);
+        prop_assert_eq!(layered.digest(), layered.digest_recomputed().unwrap());
     }
 
     #[test]
@@ -75,7 +122,7 @@ proptest! {
         let mut snaps = Vec::new();
         for (i, (k, p)) in log.iter().enumerate() {
             let lsn = i as u64 + 1;
-            let r = s.apply(lsn, *k, p);
+            let r = s.apply(lsn, *k, p).unwrap();
             match (Op::decode(*k, p), r.outcome.code, r.duplicate_of_lsn) {
                 (Ok(Op::KeyDelete { partition, key_id, .. }), OutcomeCode::Deleted, None) => {
                     deletes.push((lsn, partition, key_id))
@@ -96,8 +143,8 @@ proptest! {
                 if recreated {
                     continue;
                 }
-                let (snap, state) = Snapshot::open_state(path, &card).unwrap();
-                prop_assert_eq!(state.versions(*p, *k).count(), 0);
+                let (snap, state) = open_state(path, &card);
+                prop_assert_eq!(state.versions(*p, *k).unwrap().len(), 0);
                 for v in 0..6 {
                     prop_assert_eq!(snap.get((*p, *k, v)).unwrap(), None);
                 }
@@ -113,7 +160,7 @@ fn snapshots_are_listed_by_lsn_and_leave_no_temporary_file() {
     let mut s = StateMachine::new();
     for lsn in [1u64, 2, 300] {
         let op = Step::Cluster { c: lsn as u8 }.op().unwrap();
-        s.apply(lsn, op.kind(), &op.encode());
+        s.apply(lsn, op.kind(), &op.encode()).unwrap();
         snapshot::write(dir.path(), &s, &meta(&s), &card).unwrap();
     }
     let lsns: Vec<u64> = snapshot::list(dir.path())
@@ -131,7 +178,7 @@ fn an_empty_state_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let s = StateMachine::new();
     let path = snapshot::write(dir.path(), &s, &meta(&s), &card).unwrap();
-    let (snap, loaded) = Snapshot::open_state(&path, &card).unwrap();
+    let (snap, loaded) = open_state(&path, &card);
     assert_eq!(loaded, s);
     assert_eq!(snap.footer().block_count, 0);
 }

@@ -143,7 +143,7 @@ mod tests {
             partition: PartitionId([5; 16]),
             config: vec![1; 245],
         };
-        s.apply(1, op.kind(), &op.encode());
+        s.apply(1, op.kind(), &op.encode()).unwrap();
         let meta = SnapshotMeta {
             lsn: 1,
             term: 1,

@@ -11,18 +11,20 @@
 
 use keyfort_bench::appenders::closed_loop;
 use keyfort_bench::{machine, utc_date, write_json, LatencySummary};
-use keyfort_engine::compaction::{compact, CompactionConfig};
+use keyfort_engine::compaction::{
+    compact, compaction_due, CompactionConfig, CompactionContext, CompactionReport,
+};
 use keyfort_engine::exec::{self, Queues};
 use keyfort_engine::recovery::{recover_local, replay};
-use keyfort_engine::snapshot::{self, Snapshot, SnapshotMeta};
+use keyfort_engine::snapshot::{self, Snapshot};
 use keyfort_engine::state::{
     IdempotencyId, KeyPut, KeyState, Op, PutOp, StateMachine, IDEMPOTENCY_WINDOW_LSNS,
 };
-use keyfort_engine::wbl::{record, HardState, RecordKind, Wbl, WblOptions};
+use keyfort_engine::wbl::{record, Durable, HardState, RecordKind, Wbl, WblOptions};
 use keyfort_hsm::softhsm::fixture;
 use keyfort_hsm::{Card, CoreSession, KeyHeader, KeyId, PartitionId};
 use serde_json::json;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -51,6 +53,9 @@ struct Args {
     /// Seconds of each append-latency window.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Records between rolling compactions during the churn.
+    #[arg(long, default_value_t = keyfort_engine::compaction::COMPACTION_RECORDS_THRESHOLD)]
+    compact_records: u64,
 }
 
 fn key_id(i: u64) -> KeyId {
@@ -225,42 +230,74 @@ struct ChurnResult {
     records: u64,
     record_bytes: u64,
     append_s: f64,
-    snapshot_bytes: u64,
-    snapshot_write_s: f64,
-    key_count: usize,
+    key_count: u64,
     idempotency_entries: usize,
     key_entry_bytes: u64,
     rejected: u64,
     state_rss_mib: f64,
+    memtable_rss_mib_peak: f64,
+    /// The rolling compactions during the churn, then the final one at its end.
+    compactions: Vec<CompactionReport>,
 }
 
-/// Phase 1: partitions + churn through the WBL, applied to a state; then one timed
-/// `snapshot::write` of the full state with the card MAC (into a scratch dir).
-fn churn_phase(c: &CardSetup, dir: &Path, keys: usize, blobs: Vec<Vec<u8>>) -> ChurnResult {
+fn compaction_ctx(retain_from: Option<u64>) -> CompactionContext {
+    CompactionContext {
+        voters: vec![1],
+        learners: vec![],
+        retain_from,
+    }
+}
+
+/// Phase 1: partitions + churn through the WBL, applied to a state, with rolling compaction in
+/// the background queue whenever `compaction_due` (as a node runs it), the log kept whole
+/// (`retain_from` 1) for the full-replay baseline; then one final compaction at the end.
+fn churn_phase(
+    c: &'static CardSetup,
+    dir: &Path,
+    keys: usize,
+    blobs: Vec<Vec<u8>>,
+    cfg: CompactionConfig,
+) -> ChurnResult {
     let d = dir.to_path_buf();
     exec::run_local(dir, move |q| async move {
-        let mac = session(c);
         let (wbl, _) = Wbl::open(d.join("wbl"), wbl_opts(&q))
             .await
             .expect("open wbl");
-        let mut state = StateMachine::new();
+        let snapdir = d.join("snapshots");
+        std::fs::create_dir_all(&snapdir).expect("snapshot dir");
+        let state = Rc::new(RefCell::new(StateMachine::new()));
+        // The running rolling compaction's result slot (`Some(None)` while it runs).
+        let running: Rc<RefCell<Option<Option<CompactionReport>>>> = Rc::new(RefCell::new(None));
+        let mut compactions = Vec::new();
+        let mut last_compacted = 0u64;
         let mut inflight = VecDeque::new();
         let (mut lsn, mut bytes, mut rejected) = (0u64, 0u64, 0u64);
+        let mut memtable_rss_mib_peak = 0f64;
         let t = Instant::now();
-        let mut append = |kind: RecordKind, payload: Vec<u8>, state: &mut StateMachine| {
+        // As a node does: append, and apply each record once it is durable, in order.
+        let mut append = |kind: RecordKind, payload: Vec<u8>| {
             lsn += 1;
             bytes += record::encoded_len(payload.len()) as u64;
-            if state.apply(lsn, kind, &payload).outcome.code.is_rejected() {
-                rejected += 1;
+            let d = wbl.append(kind, lsn, 1, payload.clone()).expect("append");
+            (d, lsn, kind, payload)
+        };
+        let apply_one = |(d, lsn, kind, payload): (Durable, u64, RecordKind, Vec<u8>)| {
+            let state = state.clone();
+            async move {
+                d.await.expect("durable");
+                let r = state
+                    .borrow_mut()
+                    .apply(lsn, kind, &payload)
+                    .expect("apply");
+                r.outcome.code.is_rejected()
             }
-            wbl.append(kind, lsn, 1, payload).expect("append")
         };
         for (p, config) in c.configs.iter().enumerate() {
             let op = Op::PartitionCreate {
                 partition: partition_id(p),
                 config: config.clone(),
             };
-            inflight.push_back(append(op.kind(), op.encode(), &mut state));
+            inflight.push_back(append(op.kind(), op.encode()));
         }
         let mut churn = Churn {
             keys,
@@ -270,64 +307,108 @@ fn churn_phase(c: &CardSetup, dir: &Path, keys: usize, blobs: Vec<Vec<u8>>) -> C
             lsn: PARTITIONS as u64,
         };
         while let Some((kind, payload)) = churn.next() {
-            inflight.push_back(append(kind, payload, &mut state));
-            if inflight.len() >= IN_FLIGHT {
-                inflight
-                    .pop_front()
-                    .expect("durable")
-                    .await
-                    .expect("durable");
+            inflight.push_back(append(kind, payload));
+            if inflight.len() < IN_FLIGHT {
+                continue;
+            }
+            rejected += apply_one(inflight.pop_front().expect("in flight")).await as u64;
+            let finished = matches!(running.borrow().as_ref(), Some(Some(_)));
+            if finished {
+                let r = running.borrow_mut().take().flatten().expect("finished");
+                compactions.push(r);
+            }
+            let applied = state.borrow().lsn_applied();
+            if running.borrow().is_none() && compaction_due(applied, last_compacted, &cfg) {
+                last_compacted = applied;
+                memtable_rss_mib_peak = memtable_rss_mib_peak.max(rss_mib());
+                *running.borrow_mut() = Some(None);
+                let (wbl, state, snapdir, cfg, slot) = (
+                    wbl.clone(),
+                    state.clone(),
+                    snapdir.clone(),
+                    cfg.clone(),
+                    running.clone(),
+                );
+                glommio::spawn_local_into(
+                    async move {
+                        let mac = session(c);
+                        let r =
+                            compact(&snapdir, &state, &wbl, compaction_ctx(Some(1)), &mac, &cfg)
+                                .await
+                                .expect("rolling compaction");
+                        *slot.borrow_mut() = Some(Some(r));
+                    },
+                    q.background,
+                )
+                .expect("spawn compaction")
+                .detach();
             }
         }
-        for d in inflight {
-            d.await.expect("durable");
+        while let Some(x) = inflight.pop_front() {
+            rejected += apply_one(x).await as u64;
+        }
+        while matches!(running.borrow().as_ref(), Some(None)) {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(Some(r)) = running.borrow_mut().take() {
+            compactions.push(r);
         }
         let append_s = t.elapsed().as_secs_f64();
         let records = lsn;
-        assert_eq!(state.key_count(), keys, "churn leaves exactly `keys` keys");
-        let scratch = d.join("scratch");
-        let _ = std::fs::remove_dir_all(&scratch);
-        std::fs::create_dir_all(&scratch).expect("scratch dir");
-        let meta = SnapshotMeta {
-            lsn: records,
+        wbl.set_hard_state(HardState {
             term: 1,
-            chain_head: wbl.chain_at(records).expect("chain"),
-            voters: vec![1],
-            learners: vec![],
-        };
+            vote: 1,
+            commit: records,
+        })
+        .expect("hard state")
+        .await
+        .expect("durable");
         let state_rss_mib = rss_mib();
-        let t = Instant::now();
-        let path = snapshot::write(&scratch, &state, &meta, &mac).expect("snapshot write");
-        let snapshot_write_s = t.elapsed().as_secs_f64();
-        let snapshot_bytes = std::fs::metadata(&path).expect("snapshot").len();
-        std::fs::remove_dir_all(&scratch).expect("remove scratch");
+        let mac = session(c);
+        let last = compact(&snapdir, &state, &wbl, compaction_ctx(Some(1)), &mac, &cfg)
+            .await
+            .expect("final compaction");
+        compactions.push(last);
+        let out = {
+            let s = state.borrow();
+            assert_eq!(
+                s.key_count(),
+                keys as u64,
+                "churn leaves exactly `keys` keys"
+            );
+            let key_entry_bytes = s
+                .keys()
+                .expect("keys")
+                .iter()
+                .map(|e| e.encode().len() as u64)
+                .sum();
+            ChurnResult {
+                records,
+                record_bytes: bytes,
+                append_s,
+                key_count: s.key_count(),
+                idempotency_entries: s.idempotency().len(),
+                key_entry_bytes,
+                rejected,
+                state_rss_mib,
+                memtable_rss_mib_peak,
+                compactions,
+            }
+        };
         wbl.close().await.expect("close");
-        ChurnResult {
-            records,
-            record_bytes: bytes,
-            append_s,
-            snapshot_bytes,
-            snapshot_write_s,
-            key_count: state.key_count(),
-            idempotency_entries: state.idempotency().count(),
-            key_entry_bytes: state.keys().map(|e| e.encode().len() as u64).sum(),
-            rejected,
-            state_rss_mib,
-        }
+        out
     })
     .expect("executor")
 }
 
 struct LatencyResult {
-    churn_log_bytes_scanned: u64,
+    log_bytes_scanned: u64,
     idle: LatencySummary,
     idle_rps: f64,
     compacting: LatencySummary,
     compacting_rps: f64,
     compacting_window_s: f64,
-    compaction_s: f64,
-    compaction_lsn: u64,
-    compaction_records: u64,
+    compaction: CompactionReport,
     last_lsn: u64,
 }
 
@@ -352,34 +433,43 @@ async fn appenders(
     (load.lat, load.records_per_s(), load.secs)
 }
 
-/// Phase 2: reopen the log; 64×128 B appenders idle, then again while a compaction of the full
-/// state (empty snapshot dir: rebuild from LSN 1 + write with the card MAC) runs in the
-/// background queue of the same executor. Sets the commit to the end of the log.
+/// Phase 3: reopen the log and recover the state from the newest snapshot; 64×128 B appenders
+/// idle, then the appended records applied and, while the appenders run again, a compaction of
+/// the whole state (base file merged with the memtable, written and re-verified on the blocking
+/// pool) in the background queue of the same executor. This compaction releases the churn log
+/// below the previous snapshot. Sets the commit to the end of the log.
 fn latency_phase(c: &'static CardSetup, dir: &Path, seconds: f64) -> LatencyResult {
     let d = dir.to_path_buf();
     exec::run_local(dir, move |q| async move {
         let (wbl, rep) = Wbl::open(d.join("wbl"), wbl_opts(&q))
             .await
             .expect("open wbl");
-        let churn_log_bytes_scanned = rep.bytes_scanned;
+        let log_bytes_scanned = rep.bytes_scanned;
+        let snapdir = d.join("snapshots");
+        let mac = session(c);
+        let r = recover_local(&snapdir, &wbl, &mac, IDEMPOTENCY_WINDOW_LSNS)
+            .await
+            .expect("recover");
+        let state = Rc::new(RefCell::new(r.state));
         let never = Rc::new(Cell::new(false));
         let (idle, idle_rps, _) = appenders(&wbl, &q, seconds, never).await;
-        let snapdir = d.join("snapshots");
-        let _ = std::fs::remove_dir_all(&snapdir);
-        std::fs::create_dir_all(&snapdir).expect("snapshot dir");
-        let target = wbl.durable_lsn();
+        let mut s = state.replace(StateMachine::new());
+        replay(&wbl, &mut s, wbl.durable_lsn())
+            .await
+            .expect("apply");
+        state.replace(s);
         let busy = Rc::new(Cell::new(true));
         let job = {
-            let (wbl, busy, snapdir) = (wbl.clone(), busy.clone(), snapdir.clone());
+            let (wbl, busy, snapdir, state) =
+                (wbl.clone(), busy.clone(), snapdir.clone(), state.clone());
             glommio::spawn_local_into(
                 async move {
                     let mac = session(c);
                     let r = compact(
                         &snapdir,
+                        &state,
                         &wbl,
-                        target,
-                        vec![1],
-                        vec![],
+                        compaction_ctx(None),
                         &mac,
                         &CompactionConfig::default(),
                     )
@@ -394,7 +484,7 @@ fn latency_phase(c: &'static CardSetup, dir: &Path, seconds: f64) -> LatencyResu
         };
         let (compacting, compacting_rps, compacting_window_s) =
             appenders(&wbl, &q, seconds, busy).await;
-        let report = job.await;
+        let compaction = job.await;
         let last_lsn = wbl.durable_lsn();
         wbl.set_hard_state(HardState {
             term: 1,
@@ -406,15 +496,13 @@ fn latency_phase(c: &'static CardSetup, dir: &Path, seconds: f64) -> LatencyResu
         .expect("durable");
         wbl.close().await.expect("close");
         LatencyResult {
-            churn_log_bytes_scanned,
+            log_bytes_scanned,
             idle,
             idle_rps,
             compacting,
             compacting_rps,
             compacting_window_s,
-            compaction_s: report.duration.as_secs_f64(),
-            compaction_lsn: report.lsn,
-            compaction_records: report.records_applied,
+            compaction,
             last_lsn,
         }
     })
@@ -430,7 +518,7 @@ struct RestartResult {
     replay_s: f64,
     records_replayed: u64,
     lsn_applied: u64,
-    keys: usize,
+    keys: u64,
 }
 
 /// A cold (page cache dropped) read + verify of the newest snapshot without building the state:
@@ -542,39 +630,43 @@ fn main() {
         create_s * 2.0 * 1e6 / blobs.len() as f64
     );
 
-    println!("appending the churn mix...");
-    let ch = churn_phase(setup, &args.dir, keys, blobs);
+    println!("appending and applying the churn mix with rolling compaction...");
+    let cfg = CompactionConfig {
+        records_threshold: args.compact_records,
+        ..CompactionConfig::default()
+    };
+    let ch = churn_phase(setup, &args.dir, keys, blobs, cfg);
     println!(
-        "  {} records, {:.1} MB of records in {:.1} s ({:.0} records/s); {} rejected",
+        "  {} records, {:.1} MB of records in {:.1} s ({:.0} records/s); {} rejected; {} compactions",
         ch.records,
         ch.record_bytes as f64 / 1e6,
         ch.append_s,
         ch.records as f64 / ch.append_s,
-        ch.rejected
+        ch.rejected,
+        ch.compactions.len()
     );
+    let fin = ch.compactions.last().expect("final compaction");
+    let snapshot_bytes = fin.file_bytes;
+    println!("restart by full replay (the whole churn log)...");
+    let full = restart(setup, &args.dir, false);
+    println!("append latency idle, then while a compaction runs...");
     let lat = latency_phase(setup, &args.dir, args.seconds);
     let verify_only_s = snapshot_verify_only(setup, &args.dir);
+    println!("restart with the snapshot...");
     let with = restart(setup, &args.dir, true);
-    let full = restart(setup, &args.dir, false);
-    assert_eq!(with.lsn_applied, full.lsn_applied);
     assert_eq!(with.keys, full.keys);
 
     let wbl_bytes = ch.record_bytes;
-    let ratio = wbl_bytes as f64 / ch.snapshot_bytes as f64;
-    let mbps = ch.snapshot_bytes as f64 / ch.snapshot_write_s / 1e6;
+    let ratio = wbl_bytes as f64 / snapshot_bytes as f64;
+    let mbps = |r: &CompactionReport| r.file_bytes as f64 / r.write_duration.as_secs_f64() / 1e6;
     let restart_ratio = full.total_s / with.total_s;
     let p99_ratio = lat.compacting.p99_us / lat.idle.p99_us;
-    let state_build_s = (with.snapshot_open_s - verify_only_s).max(0.0);
 
     println!("{:<44} {:>16}", "figure", "value");
     let row = |k: &str, v: String| println!("{k:<44} {v:>16}");
     row("keys_live", format!("{}", ch.key_count));
     row("records_total (churn)", format!("{}", ch.records));
     row("wbl_bytes (encoded record bytes)", format!("{wbl_bytes}"));
-    row(
-        "wbl segment bytes scanned at reopen",
-        format!("{}", lat.churn_log_bytes_scanned),
-    );
     row(
         "snapshot key entry bytes",
         format!("{}", ch.key_entry_bytes),
@@ -583,26 +675,26 @@ fn main() {
         "snapshot idempotency entries",
         format!("{}", ch.idempotency_entries),
     );
-    row("snapshot_bytes", format!("{}", ch.snapshot_bytes));
+    row("snapshot_bytes", format!("{snapshot_bytes}"));
     row("ratio wbl/snapshot", format!("{ratio:.2}"));
+    for (i, r) in ch.compactions.iter().enumerate() {
+        row(
+            &format!("compaction {i} at lsn {}", r.lsn),
+            format!("{:.2} s {:.0} MB/s", r.duration.as_secs_f64(), mbps(r)),
+        );
+    }
     row(
-        "snapshot write s (card MAC)",
-        format!("{:.3}", ch.snapshot_write_s),
-    );
-    row("snapshot write MB/s", format!("{mbps:.1}"));
-    row(
-        "compact() s (rebuild from log + write)",
-        format!("{:.3}", lat.compaction_s),
+        "state RSS MiB after churn",
+        format!("{:.0}", ch.state_rss_mib),
     );
     row("restart_with_snapshot_s", format!("{:.3}", with.total_s));
     row("  card session", format!("{:.3}", with.card_session_s));
-    row("  wbl scan", format!("{:.3}", with.wbl_scan_s));
     row(
-        "  snapshot read+verify (cold, no state)",
-        format!("{verify_only_s:.3}"),
+        "  wbl scan",
+        format!("{:.3} ({} B)", with.wbl_scan_s, with.wbl_bytes_scanned),
     );
     row(
-        "  snapshot open_state (read+verify+build)",
+        "  snapshot open (verify, cold)",
         format!("{:.3}", with.snapshot_open_s),
     );
     row(
@@ -626,7 +718,24 @@ fn main() {
         format!("{:.0}", lat.compacting.max_us),
     );
     row("p99 compacting/idle", format!("{p99_ratio:.2}"));
+    row(
+        "compaction during latency window s",
+        format!("{:.3}", lat.compaction.duration.as_secs_f64()),
+    );
 
+    let compaction_json = |r: &CompactionReport| {
+        json!({
+            "lsn": r.lsn,
+            "lsn_previous": r.lsn_previous,
+            "memtable_key_versions": r.memtable_key_versions,
+            "file_bytes": r.file_bytes,
+            "write_s": r.write_duration.as_secs_f64(),
+            "verify_s": r.verify_duration.as_secs_f64(),
+            "total_s": r.duration.as_secs_f64(),
+            "write_mb_per_s": mbps(r),
+            "wbl_first_lsn_after": r.wbl_first_lsn,
+        })
+    };
     let result = json!({
         "benchmark": "snapshot_bench",
         "keys_requested": keys,
@@ -641,31 +750,29 @@ fn main() {
         },
         "card_create_s": create_s,
         "records_total": ch.records,
-        "churn_append_s": ch.append_s,
+        "churn_append_apply_s": ch.append_s,
         "churn_records_per_s": ch.records as f64 / ch.append_s,
         "rejected_records": ch.rejected,
         "wbl_bytes": wbl_bytes,
         "wbl_bytes_meaning": "sum of encoded record bytes (header + payload + trailer) of the churn log; batch padding and segment headers excluded",
-        "wbl_segment_bytes_scanned_at_reopen": lat.churn_log_bytes_scanned,
-        "snapshot_bytes": ch.snapshot_bytes,
+        "snapshot_bytes": snapshot_bytes,
         "ratio_wbl_over_snapshot": ratio,
         "snapshot_key_entry_bytes": ch.key_entry_bytes,
         "idempotency_entries_in_snapshot": ch.idempotency_entries,
         "idempotency_entry_bytes_in_snapshot": ch.idempotency_entries * keyfort_engine::state::IDEMPOTENCY_ENTRY_BYTES,
         "state_rss_mib_after_churn": ch.state_rss_mib,
-        "snapshot_write_s": ch.snapshot_write_s,
-        "snapshot_write_mb_per_s": mbps,
-        "compaction_s": lat.compaction_s,
-        "compaction_mb_per_s": ch.snapshot_bytes as f64 / lat.compaction_s / 1e6,
-        "compaction_lsn": lat.compaction_lsn,
-        "compaction_records_replayed": lat.compaction_records,
+        "rss_mib_peak_at_compaction_start": ch.memtable_rss_mib_peak,
+        "compaction_records_threshold": args.compact_records,
+        "compactions_during_churn": ch.compactions.iter().map(compaction_json).collect::<Vec<_>>(),
+        "compaction_s": fin.duration.as_secs_f64(),
+        "compaction_mb_per_s": mbps(fin),
+        "compaction_under_append_load": compaction_json(&lat.compaction),
         "restart_with_snapshot_s": with.total_s,
         "restart_full_replay_s": full.total_s,
         "restart_speedup": restart_ratio,
         "restart_with_snapshot": restart_json(&with),
         "restart_full_replay": restart_json(&full),
         "snapshot_read_verify_cold_s": verify_only_s,
-        "snapshot_state_build_s_derived": state_build_s,
         "page_cache_dropped_before_restarts": drop_caches(),
         "append_latency_us_p99_idle": lat.idle.p99_us,
         "append_latency_us_p99_compacting": lat.compacting.p99_us,
@@ -677,6 +784,7 @@ fn main() {
         "append_compacting_window_s": lat.compacting_window_s,
         "appenders": LAT_APPENDERS,
         "append_payload_bytes": LAT_PAYLOAD,
+        "wbl_bytes_scanned_at_latency_phase_open": lat.log_bytes_scanned,
         "last_lsn": lat.last_lsn,
         "machine": machine(),
         "loadavg_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),

@@ -1,17 +1,17 @@
-//! Rolling compaction of one shard: previous snapshot + the WBL records since its LSN → a new
-//! snapshot at the target LSN. It rebuilds from files and never touches the live state, so the
-//! foreground keeps applying while it runs in the background task queue ("no global pause").
-//! The WBL is then released only below the *previous* snapshot's LSN, so a bad newest snapshot
-//! can still fall back to the previous one plus the log.
-//!
-//! Known limit: the snapshot file itself is written with blocking `std::fs` calls from the
-//! executor thread (tens of ms per 64 MiB here); moving the write to DMA files or a blocking
-//! pool is a later step.
+//! Rolling compaction of one shard: the base snapshot + the memtable frozen at the applied LSN →
+//! a new snapshot at that LSN, which then becomes the base. Freezing is O(1) and the merge, the
+//! write and the verifying re-open run on glommio's blocking thread pool, so the foreground keeps
+//! applying into a fresh memtable meanwhile ("no global pause"); only the footer MAC (one card
+//! op) and the swap run on the executor. The WBL is then released only below the *previous*
+//! snapshot's LSN, so a bad newest snapshot can still fall back to the previous one plus the log.
 
-use crate::recovery::{newest_usable, replay, RecoveryError, Skipped};
-use crate::snapshot::{self, FooterMac, SnapshotMeta, WriteOptions};
+use crate::recovery::RecoveryError;
+use crate::snapshot::{self, FooterMac, Snapshot, SnapshotError, SnapshotMeta, WriteOptions};
+use crate::state::StateMachine;
 use crate::wbl::Wbl;
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Records since the last snapshot that make a compaction due. At ~200 B per record, 1 Mi records
@@ -44,84 +44,138 @@ pub fn compaction_due(lsn_applied: u64, lsn_snapshot: u64, cfg: &CompactionConfi
     lsn_applied.saturating_sub(lsn_snapshot) >= cfg.records_threshold
 }
 
+/// What the caller knows beyond the state: raft's ConfState at the applied LSN, and the lowest
+/// LSN another holder (archive watermark, a lagging follower) still needs from the log.
+#[derive(Clone, Debug, Default)]
+pub struct CompactionContext {
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// `None`: no holder but the previous snapshot.
+    pub retain_from: Option<u64>,
+}
+
 #[derive(Debug)]
 pub struct CompactionReport {
     pub path: PathBuf,
     pub lsn: u64,
     /// LSN of the snapshot compacted from (0: the empty state).
     pub lsn_previous: u64,
-    pub records_applied: u64,
+    /// Key versions (live or deleted) the frozen memtable held.
+    pub memtable_key_versions: u64,
+    pub file_bytes: u64,
     /// First LSN of the log after the release.
     pub wbl_first_lsn: u64,
     pub snapshots_removed: Vec<PathBuf>,
-    pub skipped: Vec<Skipped>,
+    /// Merge and write of the file (blocking pool).
+    pub write_duration: Duration,
+    /// Verifying re-open of the new file (blocking pool).
+    pub verify_duration: Duration,
     pub duration: Duration,
 }
 
-/// Compacts into `dir` up to `lsn_target` (≤ the durable log; with raft, the applied LSN).
-/// `voters`/`learners` are raft's ConfState at that LSN.
+/// Compacts the shard `state` (applied from `wbl`) into `dir` at its applied LSN, then releases
+/// the log below min(previous snapshot, `ctx.retain_from`). On failure the frozen memtable is put
+/// back ([`StateMachine::thaw`]) and nothing changes on disk but a removed temporary file.
 pub async fn compact(
     dir: &Path,
+    state: &RefCell<StateMachine>,
     wbl: &Wbl,
-    lsn_target: u64,
-    voters: Vec<u64>,
-    learners: Vec<u64>,
+    ctx: CompactionContext,
     mac: &dyn FooterMac,
     cfg: &CompactionConfig,
 ) -> Result<CompactionReport, RecoveryError> {
     let t = Instant::now();
-    if lsn_target > wbl.durable_lsn() {
-        return Err(RecoveryError::Invalid(format!(
-            "compaction target {lsn_target} is beyond the durable log ({})",
-            wbl.durable_lsn()
-        )));
-    }
-    let base = newest_usable(dir, wbl, mac, cfg.idempotency_window_lsns)?;
-    let mut state = base.state;
-    let lsn_previous = state.lsn_applied();
-    if lsn_target < lsn_previous {
-        return Err(RecoveryError::Invalid(format!(
-            "compaction target {lsn_target} is below the newest snapshot {lsn_previous}"
-        )));
-    }
-    let records_applied = replay(wbl, &mut state, lsn_target).await?;
-    let term = wbl.term(lsn_target).unwrap_or(0);
-    let chain_head = wbl.chain_at(lsn_target).ok_or_else(|| {
-        RecoveryError::Invalid(format!("the log no longer holds lsn {lsn_target}"))
-    })?;
-    let meta = SnapshotMeta {
-        lsn: lsn_target,
-        term,
-        chain_head,
-        voters,
-        learners,
+    let frozen = state.borrow_mut().freeze()?;
+    let lsn = frozen.lsn();
+    let lsn_previous = state.borrow().base().map_or(0, |b| b.lsn());
+    let memtable_key_versions = frozen.memtable_key_versions() as u64;
+    let retain_from = ctx.retain_from.unwrap_or(u64::MAX);
+    let result = write_and_open(dir, frozen, wbl, ctx, mac, cfg).await;
+    let (snap, write_duration, verify_duration) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            state.borrow_mut().thaw();
+            return Err(e);
+        }
     };
-    let path = snapshot::write_with(dir, &state, &meta, mac, &cfg.write)?;
+    let path = snap.path().to_path_buf();
+    let file_bytes = snap.file_bytes();
+    if let Err(e) = state.borrow_mut().install(Arc::new(snap)) {
+        state.borrow_mut().thaw();
+        return Err(e.into());
+    }
     // Below the previous snapshot only: falling back to it needs the log after its LSN.
-    let wbl_first_lsn = if lsn_previous > 0 {
-        wbl.release_prefix(lsn_previous).await?
+    let release_below = lsn_previous.min(retain_from);
+    let wbl_first_lsn = if release_below > 1 {
+        wbl.release_prefix(release_below).await?
     } else {
         wbl.first_lsn()
     };
     let snapshots_removed = remove_old(dir)?;
     tracing::info!(
         file = %path.display(),
-        lsn = lsn_target,
+        lsn,
         lsn_previous,
-        records_applied,
+        memtable_key_versions,
+        file_bytes,
         wbl_first_lsn,
+        write_ms = write_duration.as_secs_f64() * 1e3,
+        verify_ms = verify_duration.as_secs_f64() * 1e3,
         "compaction"
     );
     Ok(CompactionReport {
         path,
-        lsn: lsn_target,
+        lsn,
         lsn_previous,
-        records_applied,
+        memtable_key_versions,
+        file_bytes,
         wbl_first_lsn,
         snapshots_removed,
-        skipped: base.skipped,
+        write_duration,
+        verify_duration,
         duration: t.elapsed(),
     })
+}
+
+async fn write_and_open(
+    dir: &Path,
+    frozen: Arc<crate::state::Frozen>,
+    wbl: &Wbl,
+    ctx: CompactionContext,
+    mac: &dyn FooterMac,
+    cfg: &CompactionConfig,
+) -> Result<(Snapshot, Duration, Duration), RecoveryError> {
+    let lsn = frozen.lsn();
+    let chain_head = wbl
+        .chain_at(lsn)
+        .ok_or_else(|| RecoveryError::Invalid(format!("the log no longer holds lsn {lsn}")))?;
+    let meta = SnapshotMeta {
+        lsn,
+        term: wbl.term(lsn).unwrap_or(0),
+        chain_head,
+        voters: ctx.voters,
+        learners: ctx.learners,
+    };
+    let ex = glommio::executor();
+    let t = Instant::now();
+    let (d, opts) = (dir.to_path_buf(), cfg.write.clone());
+    let pending = ex
+        .spawn_blocking(move || snapshot::begin(&d, &frozen.view(), &meta, &opts))
+        .await?;
+    let tag = mac
+        .mac(pending.footer_body())
+        .map_err(|e| SnapshotError::Card {
+            file: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let path = ex.spawn_blocking(move || pending.finish(&tag)).await?;
+    let write_duration = t.elapsed();
+    let t = Instant::now();
+    let mut snap = ex
+        .spawn_blocking(move || Snapshot::open_without_mac(&path))
+        .await?;
+    snap.verify_mac(mac)?;
+    Ok((snap, write_duration, t.elapsed()))
 }
 
 /// Removes all but the newest [`SNAPSHOTS_KEPT`] snapshot files.

@@ -6,11 +6,12 @@ use crate::snapshot::{self, FooterMac, Snapshot, SnapshotError};
 use crate::state::StateMachine;
 use crate::wbl::{Wbl, WblError};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Records applied between two cooperative yields while replaying or compacting, so a long
 /// replay in a background queue does not starve the foreground queue of its executor.
-pub const APPLY_YIELD_RECORDS: u64 = 1024;
+pub const APPLY_YIELD_RECORDS: u64 = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RecoveryError {
@@ -44,7 +45,7 @@ pub struct Skipped {
 pub struct Base {
     pub state: StateMachine,
     /// `None`: the empty state.
-    pub snapshot: Option<Snapshot>,
+    pub snapshot: Option<PathBuf>,
     /// Newer snapshots that failed a check, newest first.
     pub skipped: Vec<Skipped>,
 }
@@ -60,13 +61,13 @@ pub fn newest_usable(
 ) -> Result<Base, RecoveryError> {
     let mut skipped = Vec::new();
     for (lsn, path) in snapshot::list(dir)?.into_iter().rev() {
-        let reason = match Snapshot::open_state(&path, mac) {
+        let reason = match Snapshot::open(&path, mac) {
             Err(e) => e.to_string(),
-            Ok((snap, state)) => match wbl.chain_at(lsn) {
+            Ok(snap) => match wbl.chain_at(lsn) {
                 Some(c) if c == snap.footer().chain_head => {
                     return Ok(Base {
-                        state,
-                        snapshot: Some(snap),
+                        state: StateMachine::from_snapshot(Arc::new(snap)),
+                        snapshot: Some(path),
                         skipped,
                     })
                 }
@@ -116,7 +117,7 @@ pub async fn replay(wbl: &Wbl, state: &mut StateMachine, to: u64) -> Result<u64,
             )));
         };
         let r = r?;
-        state.apply(r.lsn, r.kind, &r.payload);
+        state.apply(r.lsn, r.kind, &r.payload)?;
         n += 1;
         if n % APPLY_YIELD_RECORDS == 0 {
             glommio::yield_if_needed().await;
@@ -156,7 +157,7 @@ pub async fn recover_local(
     let t = Instant::now();
     let records_replayed = replay(wbl, &mut state, commit).await?;
     let replay_duration = t.elapsed();
-    let snapshot = base.snapshot.map(|s| s.path().to_path_buf());
+    let snapshot = base.snapshot;
     tracing::info!(
         path = match &snapshot {
             Some(p) => p.display().to_string(),

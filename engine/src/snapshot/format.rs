@@ -6,8 +6,8 @@ use super::{read_exact_or_corrupt, write_all, Contents, SnapshotError, CONF_MEMB
 use crate::state::payload::{put_bytes32, PayloadError, Reader};
 use crate::state::{
     digest_cluster, digest_idempotency, digest_key, digest_partition, IdempotencyEntry, KeyEntry,
-    KeySlot, StateDigest, StateMachine, BLOB_BYTES_MAX, CLUSTER_CONFIG_BYTES_MAX,
-    IDEMPOTENCY_ENTRY_BYTES, METADATA_BYTES_MAX, PARTITION_CONFIG_BYTES_MAX,
+    KeySlot, StateDigest, BLOB_BYTES_MAX, CLUSTER_CONFIG_BYTES_MAX, IDEMPOTENCY_ENTRY_BYTES,
+    METADATA_BYTES_MAX, PARTITION_CONFIG_BYTES_MAX,
 };
 use keyfort_hsm::format::MAC_LEN;
 use keyfort_hsm::{KeyId, PartitionId};
@@ -318,8 +318,8 @@ impl<W: Write> SectionWriter<W> {
     pub(crate) fn chain(&self) -> u64 {
         self.chain
     }
-    pub(crate) fn into_inner(self) -> W {
-        self.w
+    pub(crate) fn get_mut(&mut self) -> &mut W {
+        &mut self.w
     }
     pub(crate) fn raw(&mut self, b: &[u8]) -> std::io::Result<()> {
         write_all(&mut self.w, b)?;
@@ -375,10 +375,12 @@ pub(crate) fn encode_index(index: &[BlockIndexEntry]) -> Vec<u8> {
     w
 }
 
-pub(crate) fn encode_partitions(s: &StateMachine) -> Vec<u8> {
+pub(crate) fn encode_partitions<'a>(
+    partitions: impl Iterator<Item = (&'a PartitionId, &'a Vec<u8>)>,
+) -> Vec<u8> {
     let mut w = vec![0u8; 4];
     let mut n = 0u32;
-    for (p, c) in s.partitions() {
+    for (p, c) in partitions {
         w.extend_from_slice(&p.0);
         put_bytes32(&mut w, c, PARTITION_CONFIG_BYTES_MAX);
         n += 1;
@@ -387,10 +389,10 @@ pub(crate) fn encode_partitions(s: &StateMachine) -> Vec<u8> {
     w
 }
 
-pub(crate) fn encode_idempotency(s: &StateMachine) -> Vec<u8> {
+pub(crate) fn encode_idempotency(entries: &[IdempotencyEntry]) -> Vec<u8> {
     let mut w = vec![0u8; 4];
     let mut n = 0u32;
-    for e in s.idempotency() {
+    for e in entries {
         w.extend_from_slice(&e.encode());
         n += 1;
     }
@@ -496,10 +498,7 @@ impl<'a, R: Read> SectionReader<'a, R> {
         Ok(())
     }
 
-    pub(crate) fn read_all(
-        mut self,
-        mut keys: Option<&mut Vec<KeyEntry>>,
-    ) -> Result<Contents, SnapshotError> {
+    pub(crate) fn read_all(mut self) -> Result<Contents, SnapshotError> {
         let f = self.footer;
         let header = self.read(FILE_HEADER.len(), f.index_offset, "file header")?;
         if header != FILE_HEADER {
@@ -509,7 +508,7 @@ impl<'a, R: Read> SectionReader<'a, R> {
         let mut last: Option<KeySlot> = None;
         let mut key_count = 0u64;
         while self.pos < f.index_offset {
-            let b = self.read_block(&mut last, &mut keys)?;
+            let b = self.read_block(&mut last)?;
             key_count += b.entries as u64;
             blocks.push(b);
         }
@@ -540,19 +539,18 @@ impl<'a, R: Read> SectionReader<'a, R> {
                 ),
             ));
         }
+        let mut idempotency_by_lsn: Vec<u32> = (0..idempotency.len() as u32).collect();
+        idempotency_by_lsn.sort_unstable_by_key(|&i| idempotency[i as usize].lsn);
         Ok(Contents {
             index,
             partitions,
             idempotency,
+            idempotency_by_lsn,
             cluster_config,
         })
     }
 
-    fn read_block(
-        &mut self,
-        last: &mut Option<KeySlot>,
-        keys: &mut Option<&mut Vec<KeyEntry>>,
-    ) -> Result<BlockIndexEntry, SnapshotError> {
+    fn read_block(&mut self, last: &mut Option<KeySlot>) -> Result<BlockIndexEntry, SnapshotError> {
         let limit = self.footer.index_offset;
         let start = self.pos;
         let mut body = self.read(4, limit, "data block entry count")?;
@@ -579,9 +577,6 @@ impl<'a, R: Read> SectionReader<'a, R> {
             *last = Some(slot);
             first.get_or_insert(slot);
             self.digest.0 = self.digest.0.wrapping_add(digest_key(&e));
-            if let Some(k) = keys.as_mut() {
-                k.push(e);
-            }
         }
         let Some(first) = first else {
             return Err(self.corrupt(start, "empty data block"));

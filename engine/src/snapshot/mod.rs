@@ -14,7 +14,7 @@ pub use format::{
     TAIL_BYTES,
 };
 
-use crate::state::{IdempotencyEntry, KeyEntry, KeySlot, StateDigest, StateMachine};
+use crate::state::{IdempotencyEntry, KeyEntry, KeySlot, StateDigest, StateMachine, View};
 use format::{SectionReader, SectionWriter};
 use keyfort_hsm::format::MAC_LEN;
 use keyfort_hsm::{CardError, CoreSession};
@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Decoded data blocks one open snapshot keeps for lookups: 256 × 64 KiB ≈ 16 MiB per shard.
 pub const BLOCK_CACHE_BLOCKS_MAX: usize = 256;
@@ -168,11 +168,68 @@ pub fn write_with(
     mac: &dyn FooterMac,
     opts: &WriteOptions,
 ) -> Result<PathBuf, SnapshotError> {
-    if meta.lsn != state.lsn_applied() {
+    let pending = begin(dir, &state.view(), meta, opts)?;
+    let tag = mac
+        .mac(pending.footer_body())
+        .map_err(|e| SnapshotError::card(&pending.tmp, e))?;
+    pending.finish(&tag)
+}
+
+/// A snapshot file written up to its footer body, waiting for the footer MAC. The split lets
+/// the bulk of the write run on a blocking thread while the card (per-core) makes the MAC.
+pub struct Pending {
+    dir: PathBuf,
+    tmp: PathBuf,
+    path: PathBuf,
+    w: SectionWriter<BufWriter<File>>,
+    body: Vec<u8>,
+}
+
+impl Pending {
+    /// The footer bytes the MAC covers.
+    pub fn footer_body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Writes body, MAC and tail; fsyncs the file, renames it into place and fsyncs the
+    /// directory. Returns the final path.
+    pub fn finish(mut self, tag: &[u8; MAC_LEN]) -> Result<PathBuf, SnapshotError> {
+        let r = self.finish_file(tag);
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(e);
+        }
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| SnapshotError::io(&self.path, e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| SnapshotError::io(&self.dir, e))?;
+        Ok(self.path)
+    }
+
+    fn finish_file(&mut self, tag: &[u8; MAC_LEN]) -> Result<(), SnapshotError> {
+        let tmp = self.tmp.clone();
+        let io = |e: std::io::Error| SnapshotError::io(&tmp, e);
+        let body = std::mem::take(&mut self.body);
+        self.w.raw(&body).map_err(io)?;
+        self.w.raw(tag).map_err(io)?;
+        self.w.raw(&format::encode_tail(body.len())).map_err(io)?;
+        self.w.get_mut().flush().map_err(io)?;
+        self.w.get_mut().get_ref().sync_all().map_err(io)
+    }
+}
+
+/// Writes everything of the snapshot of `view` but the footer MAC and tail into a temporary
+/// file in `dir`. Blocking; reads the view's base file sequentially.
+pub fn begin(
+    dir: &Path,
+    view: &View<'_>,
+    meta: &SnapshotMeta,
+    opts: &WriteOptions,
+) -> Result<Pending, SnapshotError> {
+    if meta.lsn != view.lsn {
         return Err(SnapshotError::Invalid(format!(
             "meta lsn {} differs from the state's applied lsn {}",
-            meta.lsn,
-            state.lsn_applied()
+            meta.lsn, view.lsn
         )));
     }
     if meta.voters.len() + meta.learners.len() > CONF_MEMBERS_MAX {
@@ -187,59 +244,75 @@ pub fn write_with(
     }
     let path = dir.join(file_name(meta.lsn));
     let tmp = dir.join(format!(".{}.tmp", file_name(meta.lsn)));
-    let result = write_file(&tmp, state, meta, mac, opts);
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    match write_body(&tmp, view, meta, opts) {
+        Ok((w, body)) => Ok(Pending {
+            dir: dir.to_path_buf(),
+            tmp,
+            path,
+            w,
+            body,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    std::fs::rename(&tmp, &path).map_err(|e| SnapshotError::io(&path, e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| SnapshotError::io(dir, e))?;
-    Ok(path)
 }
 
-fn write_file(
+type FileWriter = SectionWriter<BufWriter<File>>;
+
+fn write_body(
     tmp: &Path,
-    state: &StateMachine,
+    view: &View<'_>,
     meta: &SnapshotMeta,
-    mac: &dyn FooterMac,
     opts: &WriteOptions,
-) -> Result<(), SnapshotError> {
+) -> Result<(FileWriter, Vec<u8>), SnapshotError> {
     let f = File::create(tmp).map_err(|e| SnapshotError::io(tmp, e))?;
     let mut w = SectionWriter::new(BufWriter::with_capacity(OPEN_READ_BYTES, f));
     let io = |e: std::io::Error| SnapshotError::io(tmp, e);
     w.raw(&FILE_HEADER).map_err(io)?;
     let mut index = Vec::new();
     let mut block = format::BlockBuilder::default();
-    for e in state.keys() {
+    let mut key_count = 0u64;
+    view.for_each_key::<SnapshotError>(|e| {
+        key_count += 1;
         block.push(e);
         if block.bytes() >= opts.block_bytes_target {
             index.push(w.block(&mut block).map_err(io)?);
         }
-    }
+        Ok(())
+    })?;
     if !block.is_empty() {
         index.push(w.block(&mut block).map_err(io)?);
     }
+    if key_count != view.key_count {
+        return Err(SnapshotError::Invalid(format!(
+            "the state counts {} key versions but holds {key_count}",
+            view.key_count
+        )));
+    }
+    let idempotency = view.idempotency();
     let index_offset = w.offset();
     w.section(&format::encode_index(&index)).map_err(io)?;
     let partitions_offset = w.offset();
-    w.section(&format::encode_partitions(state)).map_err(io)?;
+    w.section(&format::encode_partitions(view.partitions()))
+        .map_err(io)?;
     let idempotency_offset = w.offset();
-    w.section(&format::encode_idempotency(state)).map_err(io)?;
+    w.section(&format::encode_idempotency(&idempotency))
+        .map_err(io)?;
     let cluster_offset = w.offset();
-    w.section(&format::encode_cluster(state.cluster_config()))
+    w.section(&format::encode_cluster(view.cluster_config()))
         .map_err(io)?;
     let footer = Footer {
         lsn: meta.lsn,
         term: meta.term,
         chain_head: meta.chain_head,
-        digest: state.digest(),
-        idempotency_window_lsns: state.idempotency_window_lsns(),
-        key_count: state.key_count() as u64,
+        digest: view.digest,
+        idempotency_window_lsns: view.window,
+        key_count,
         block_count: index.len() as u32,
-        partition_count: state.partitions().count() as u32,
-        idempotency_count: state.idempotency().count() as u32,
+        partition_count: view.partitions().count() as u32,
+        idempotency_count: idempotency.len() as u32,
         index_offset,
         partitions_offset,
         idempotency_offset,
@@ -249,16 +322,7 @@ fn write_file(
         voters: meta.voters.clone(),
         learners: meta.learners.clone(),
     };
-    let body = footer.encode_body();
-    let tag = mac.mac(&body).map_err(|e| SnapshotError::card(tmp, e))?;
-    w.raw(&body).map_err(io)?;
-    w.raw(&tag).map_err(io)?;
-    w.raw(&format::encode_tail(body.len())).map_err(io)?;
-    let f = w
-        .into_inner()
-        .into_inner()
-        .map_err(|e| io(e.into_error()))?;
-    f.sync_all().map_err(io)
+    Ok((w, footer.encode_body()))
 }
 
 /// What an open pass read besides the footer.
@@ -266,6 +330,8 @@ struct Contents {
     index: Vec<BlockIndexEntry>,
     partitions: Vec<(keyfort_hsm::PartitionId, Vec<u8>)>,
     idempotency: Vec<IdempotencyEntry>,
+    /// Indices into `idempotency` in LSN order, for expiry.
+    idempotency_by_lsn: Vec<u32>,
     cluster_config: Option<Vec<u8>>,
 }
 
@@ -294,42 +360,25 @@ impl Snapshot {
     /// once in order, checking every section's crc32c, the chain over all sections, the order
     /// and decoding of every entry, the counts and the state digest.
     pub fn open(path: &Path, mac: &dyn FooterMac) -> Result<Snapshot, SnapshotError> {
-        Self::open_inner(path, Some(mac), None)
+        Self::open_inner(path, Some(mac))
     }
 
-    /// [`Snapshot::open`] and the state it holds, from the same single pass.
-    pub fn open_state(
-        path: &Path,
-        mac: &dyn FooterMac,
-    ) -> Result<(Snapshot, StateMachine), SnapshotError> {
-        let mut keys = Vec::new();
-        let s = Self::open_inner(path, Some(mac), Some(&mut keys))?;
-        let c = &s.contents;
-        let state = StateMachine::from_parts(
-            s.footer.lsn,
-            s.footer.idempotency_window_lsns,
-            keys,
-            c.partitions.clone(),
-            c.cluster_config.clone(),
-            c.idempotency.clone(),
-        );
-        if state.digest() != s.footer.digest {
-            // Already compared during the pass; a mismatch here is a bug, not corruption.
-            panic!("snapshot {} loaded into a different digest", path.display());
-        }
-        Ok((s, state))
-    }
-
-    /// Every check of [`Snapshot::open`] except the MAC (offline inspection without a card).
+    /// Every check of [`Snapshot::open`] except the MAC (offline inspection without a card, or
+    /// a blocking thread that leaves the MAC to [`Snapshot::verify_mac`] on the card's core).
     pub fn open_without_mac(path: &Path) -> Result<Snapshot, SnapshotError> {
-        Self::open_inner(path, None, None)
+        Self::open_inner(path, None)
     }
 
-    fn open_inner(
-        path: &Path,
-        mac: Option<&dyn FooterMac>,
-        keys: Option<&mut Vec<KeyEntry>>,
-    ) -> Result<Snapshot, SnapshotError> {
+    /// Checks the footer MAC of a file opened without it.
+    pub fn verify_mac(&mut self, mac: &dyn FooterMac) -> Result<(), SnapshotError> {
+        let (_, body, tag) = format::read_footer(&self.path, &self.file, self.file_bytes)?;
+        mac.verify(&body, &tag)
+            .map_err(|e| SnapshotError::card(&self.path, e))?;
+        self.mac_checked = true;
+        Ok(())
+    }
+
+    fn open_inner(path: &Path, mac: Option<&dyn FooterMac>) -> Result<Snapshot, SnapshotError> {
         let mut file = File::open(path).map_err(|e| SnapshotError::io(path, e))?;
         let file_bytes = file
             .metadata()
@@ -343,7 +392,7 @@ impl Snapshot {
         file.seek(SeekFrom::Start(0))
             .map_err(|e| SnapshotError::io(path, e))?;
         let reader = BufReader::with_capacity(OPEN_READ_BYTES, &mut file);
-        let contents = SectionReader::new(path, reader, &footer).read_all(keys)?;
+        let contents = SectionReader::new(path, reader, &footer).read_all()?;
         Ok(Snapshot {
             path: path.to_path_buf(),
             file,
@@ -379,8 +428,13 @@ impl Snapshot {
     pub fn partitions(&self) -> &[(keyfort_hsm::PartitionId, Vec<u8>)] {
         &self.contents.partitions
     }
+    /// Idempotency entries in (partition, id) order.
     pub fn idempotency(&self) -> &[IdempotencyEntry] {
         &self.contents.idempotency
+    }
+    /// Indices into [`Snapshot::idempotency`] in LSN order.
+    pub fn idempotency_by_lsn(&self) -> &[u32] {
+        &self.contents.idempotency_by_lsn
     }
     pub fn cluster_config(&self) -> Option<&[u8]> {
         self.contents.cluster_config.as_deref()
@@ -400,38 +454,66 @@ impl Snapshot {
             .map(|i| block[i].clone()))
     }
 
-    fn block(&self, i: usize) -> Result<std::sync::Arc<Vec<KeyEntry>>, SnapshotError> {
-        let mut cache = self.cache.lock().expect("block cache");
-        if let Some(b) = cache.get(i) {
+    /// Calls `f` with the key versions in `lo..=hi` in order until it returns false.
+    pub fn scan(
+        &self,
+        lo: KeySlot,
+        hi: KeySlot,
+        f: &mut dyn FnMut(&KeyEntry) -> bool,
+    ) -> Result<(), SnapshotError> {
+        let index = &self.contents.index;
+        let mut i = index.partition_point(|b| b.first <= lo).saturating_sub(1);
+        while i < index.len() && index[i].first <= hi {
+            let block = self.block(i)?;
+            let from = block.partition_point(|e| e.slot() < lo);
+            for e in &block[from..] {
+                if e.slot() > hi || !f(e) {
+                    return Ok(());
+                }
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn block(&self, i: usize) -> Result<Arc<Vec<KeyEntry>>, SnapshotError> {
+        if let Some(b) = self.cache.lock().expect("block cache").get(i) {
             return Ok(b);
         }
+        let entries = Arc::new(self.read_block(i)?);
+        self.cache
+            .lock()
+            .expect("block cache")
+            .put(i, entries.clone());
+        Ok(entries)
+    }
+
+    /// Reads and checks data block `i`, bypassing the cache (sequential merges).
+    pub fn read_block(&self, i: usize) -> Result<Vec<KeyEntry>, SnapshotError> {
         let entry = &self.contents.index[i];
         let mut buf = vec![0u8; entry.len as usize];
         self.file
             .read_exact_at(&mut buf, entry.offset)
             .map_err(|e| SnapshotError::io(&self.path, e))?;
-        let entries = format::decode_block(&self.path, entry, &buf)?;
-        let entries = std::sync::Arc::new(entries);
-        cache.put(i, entries.clone());
-        Ok(entries)
+        format::decode_block(&self.path, entry, &buf)
     }
 }
 
 /// Least-recently-used decoded blocks, at most [`BLOCK_CACHE_BLOCKS_MAX`].
 #[derive(Default)]
 struct BlockCache {
-    blocks: HashMap<usize, std::sync::Arc<Vec<KeyEntry>>>,
+    blocks: HashMap<usize, Arc<Vec<KeyEntry>>>,
     order: VecDeque<usize>,
 }
 
 impl BlockCache {
-    fn get(&mut self, i: usize) -> Option<std::sync::Arc<Vec<KeyEntry>>> {
+    fn get(&mut self, i: usize) -> Option<Arc<Vec<KeyEntry>>> {
         let b = self.blocks.get(&i)?.clone();
         self.order.retain(|x| *x != i);
         self.order.push_back(i);
         Some(b)
     }
-    fn put(&mut self, i: usize, b: std::sync::Arc<Vec<KeyEntry>>) {
+    fn put(&mut self, i: usize, b: Arc<Vec<KeyEntry>>) {
         if self.blocks.len() >= BLOCK_CACHE_BLOCKS_MAX {
             if let Some(old) = self.order.pop_front() {
                 self.blocks.remove(&old);

@@ -4,14 +4,19 @@
 //! deterministic: every replica applying the same records reaches the same bytes and digest.
 //! Payload and entry encodings: docs/format.md §3.
 
+mod layers;
 pub mod payload;
 
+pub use layers::{Frozen, Layer, Scope, View};
 pub use payload::{Checkpoint, IdempotencyId, KeyPut, Op, PayloadError, PutOp};
 
+use crate::snapshot::{Snapshot, SnapshotError};
 use crate::wbl::RecordKind;
 use keyfort_hsm::{KeyHeader, KeyId, PartitionId};
+use layers::idem_live;
 use payload::{put_bytes16, Reader};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_128;
 
 /// Largest masked blob a key version may hold. The card's masked blob is 117 bytes today
@@ -287,18 +292,52 @@ pub(crate) fn digest_idempotency(e: &IdempotencyEntry) -> u128 {
     StateDigest::item(TAG_IDEMPOTENCY, &[&e.encode()])
 }
 
-/// The state of one shard at `lsn_applied`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The state of one shard at `lsn_applied`, read through its layers (`layers.rs`): the memtable,
+/// at most one frozen memtable being compacted, and the base snapshot. Only the memtable changes;
+/// [`StateMachine::freeze`] and [`StateMachine::install`] move the layers down.
 pub struct StateMachine {
-    keys: BTreeMap<KeySlot, KeyEntry>,
+    base: Option<Arc<Snapshot>>,
+    /// How many of the base's idempotency entries (in LSN order) have expired.
+    base_idem_expired: usize,
+    frozen: Option<Arc<Frozen>>,
+    /// How many of the frozen layer's idempotency entries (in LSN order) have expired.
+    frozen_idem_expired: usize,
+    mem: Layer,
+    key_count: u64,
     partitions: BTreeMap<PartitionId, Vec<u8>>,
     cluster_config: Option<Vec<u8>>,
-    idempotency: BTreeMap<(PartitionId, IdempotencyId), IdempotencyEntry>,
-    /// The same entries by LSN, for expiry in log order.
-    idempotency_by_lsn: BTreeSet<(u64, PartitionId, IdempotencyId)>,
     idempotency_window_lsns: u64,
     lsn_applied: u64,
     digest: StateDigest,
+}
+
+impl std::fmt::Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("lsn_applied", &self.lsn_applied)
+            .field("digest", &self.digest)
+            .field("key_count", &self.key_count)
+            .field("base", &self.base.as_ref().map(|b| b.lsn()))
+            .field("frozen", &self.frozen.as_ref().map(|f| f.lsn))
+            .field("memtable_key_versions", &self.mem.keys.len())
+            .finish()
+    }
+}
+
+/// Equal logical contents: LSN, window, digest, every key version, partition, cluster config
+/// and live idempotency entry, whatever layers hold them. Reads the base files (tests, tools).
+impl PartialEq for StateMachine {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (self.view(), other.view());
+        a.lsn == b.lsn
+            && a.window == b.window
+            && a.digest == b.digest
+            && a.key_count == b.key_count
+            && a.partitions == b.partitions
+            && a.cluster == b.cluster
+            && a.idempotency() == b.idempotency()
+            && a.keys().expect("base readable") == b.keys().expect("base readable")
+    }
 }
 
 impl Default for StateMachine {
@@ -317,15 +356,32 @@ impl StateMachine {
     pub fn with_idempotency_window(window_lsns: u64) -> StateMachine {
         assert!(window_lsns > 0, "idempotency window must be positive");
         StateMachine {
-            keys: BTreeMap::new(),
+            base: None,
+            base_idem_expired: 0,
+            frozen: None,
+            frozen_idem_expired: 0,
+            mem: Layer::default(),
+            key_count: 0,
             partitions: BTreeMap::new(),
             cluster_config: None,
-            idempotency: BTreeMap::new(),
-            idempotency_by_lsn: BTreeSet::new(),
             idempotency_window_lsns: window_lsns,
             lsn_applied: 0,
             digest: StateDigest::default(),
         }
+    }
+
+    /// The state a verified snapshot holds, served from the file: nothing but its partitions,
+    /// cluster config and idempotency table is loaded; keys are read through its index.
+    pub fn from_snapshot(snap: Arc<Snapshot>) -> StateMachine {
+        let f = snap.footer();
+        let mut s = StateMachine::with_idempotency_window(f.idempotency_window_lsns.max(1));
+        s.lsn_applied = f.lsn;
+        s.digest = f.digest;
+        s.key_count = f.key_count;
+        s.partitions = snap.partitions().iter().cloned().collect();
+        s.cluster_config = snap.cluster_config().map(<[u8]>::to_vec);
+        s.base = Some(snap);
+        s
     }
 
     pub fn lsn_applied(&self) -> u64 {
@@ -337,13 +393,45 @@ impl StateMachine {
     pub fn idempotency_window_lsns(&self) -> u64 {
         self.idempotency_window_lsns
     }
-    pub fn key_count(&self) -> usize {
-        self.keys.len()
+    /// Live key versions.
+    pub fn key_count(&self) -> u64 {
+        self.key_count
+    }
+    /// The snapshot the state is served from, if any.
+    pub fn base(&self) -> Option<&Arc<Snapshot>> {
+        self.base.as_ref()
+    }
+    /// The memtable being compacted, if a compaction runs.
+    pub fn frozen(&self) -> Option<&Arc<Frozen>> {
+        self.frozen.as_ref()
+    }
+    /// Key versions (live or deleted) held in the memtable.
+    pub fn memtable_key_versions(&self) -> usize {
+        self.mem.keys.len()
     }
 
-    /// Every key version in (partition, key id, version) order.
-    pub fn keys(&self) -> impl Iterator<Item = &KeyEntry> {
-        self.keys.values()
+    /// The whole state as one read-only view.
+    pub fn view(&self) -> View<'_> {
+        let mut layers = Vec::with_capacity(2);
+        if let Some(f) = &self.frozen {
+            layers.push(&f.layer);
+        }
+        layers.push(&self.mem);
+        View {
+            lsn: self.lsn_applied,
+            window: self.idempotency_window_lsns,
+            digest: self.digest,
+            key_count: self.key_count,
+            base: self.base.as_deref(),
+            layers,
+            partitions: &self.partitions,
+            cluster: self.cluster_config.as_deref(),
+        }
+    }
+
+    /// Every key version in (partition, key id, version) order (reads the whole base).
+    pub fn keys(&self) -> Result<Vec<KeyEntry>, SnapshotError> {
+        self.view().keys()
     }
     pub fn partitions(&self) -> impl Iterator<Item = (&PartitionId, &Vec<u8>)> {
         self.partitions.iter()
@@ -351,13 +439,34 @@ impl StateMachine {
     pub fn cluster_config(&self) -> Option<&[u8]> {
         self.cluster_config.as_deref()
     }
-    /// Idempotency entries in (partition, id) order.
-    pub fn idempotency(&self) -> impl Iterator<Item = &IdempotencyEntry> {
-        self.idempotency.values()
+    /// Live idempotency entries in (partition, id) order.
+    pub fn idempotency(&self) -> Vec<IdempotencyEntry> {
+        self.view().idempotency()
     }
 
-    pub fn get(&self, partition: PartitionId, key_id: KeyId, version: u32) -> Option<&KeyEntry> {
-        self.keys.get(&(partition, key_id, version))
+    /// The topmost layer's word on a key version: `Some(None)` = deleted there.
+    fn top(&self, slot: &KeySlot) -> Option<&Option<KeyEntry>> {
+        self.mem
+            .keys
+            .get(slot)
+            .or_else(|| self.frozen.as_ref().and_then(|f| f.layer.keys.get(slot)))
+    }
+
+    /// One key version: memtable → frozen → snapshot index → one block.
+    pub fn get(
+        &self,
+        partition: PartitionId,
+        key_id: KeyId,
+        version: u32,
+    ) -> Result<Option<KeyEntry>, SnapshotError> {
+        let slot = (partition, key_id, version);
+        if let Some(v) = self.top(&slot) {
+            return Ok(v.clone());
+        }
+        match &self.base {
+            Some(b) => b.get(slot),
+            None => Ok(None),
+        }
     }
 
     /// Every version of one key, oldest first.
@@ -365,48 +474,168 @@ impl StateMachine {
         &self,
         partition: PartitionId,
         key_id: KeyId,
-    ) -> impl Iterator<Item = &KeyEntry> {
-        self.keys
-            .range((partition, key_id, 0)..=(partition, key_id, u32::MAX))
-            .map(|(_, e)| e)
+    ) -> Result<Vec<KeyEntry>, SnapshotError> {
+        let lo = (partition, key_id, 0);
+        let hi = (partition, key_id, u32::MAX);
+        let mut out: BTreeMap<u32, KeyEntry> = BTreeMap::new();
+        if let Some(b) = &self.base {
+            b.scan(lo, hi, &mut |e| {
+                out.insert(e.header.version, e.clone());
+                true
+            })?;
+        }
+        let frozen = self.frozen.as_ref().map(|f| &f.layer);
+        for l in frozen.into_iter().chain(std::iter::once(&self.mem)) {
+            for ((_, _, v), e) in l.keys.range(lo..=hi) {
+                match e {
+                    Some(e) => out.insert(*v, e.clone()),
+                    None => out.remove(v),
+                };
+            }
+        }
+        Ok(out.into_values().collect())
     }
 
     /// The newest version of a key: the only one that encrypts.
-    pub fn current(&self, partition: PartitionId, key_id: KeyId) -> Option<&KeyEntry> {
-        self.versions(partition, key_id).last()
+    pub fn current(
+        &self,
+        partition: PartitionId,
+        key_id: KeyId,
+    ) -> Result<Option<KeyEntry>, SnapshotError> {
+        Ok(self.versions(partition, key_id)?.pop())
+    }
+
+    /// Whether any live key version of `partition` exists in any layer.
+    fn partition_has_keys(&self, partition: PartitionId) -> Result<bool, SnapshotError> {
+        let lo = (partition, KeyId([0; 16]), 0);
+        let hi = (partition, KeyId([0xff; 16]), u32::MAX);
+        let frozen = self.frozen.as_ref().map(|f| &f.layer);
+        for l in frozen.into_iter().chain(std::iter::once(&self.mem)) {
+            for (s, e) in l.keys.range(lo..=hi) {
+                if e.is_some() && matches!(self.top(s), Some(Some(_))) {
+                    return Ok(true);
+                }
+            }
+        }
+        let mut found = false;
+        if let Some(b) = &self.base {
+            b.scan(lo, hi, &mut |e| {
+                found = !matches!(self.top(&e.slot()), Some(None));
+                !found
+            })?;
+        }
+        Ok(found)
     }
 
     /// Recomputes the digest from every item; equals [`Self::digest`] unless a bug broke the
     /// incremental upkeep (tests and snapshot verification compare the two).
-    pub fn digest_recomputed(&self) -> StateDigest {
+    pub fn digest_recomputed(&self) -> Result<StateDigest, SnapshotError> {
+        let v = self.view();
         let mut d = StateDigest::default();
-        self.keys.values().for_each(|e| d.add(digest_key(e)));
-        self.partitions
-            .iter()
+        v.for_each_key::<SnapshotError>(|e| {
+            d.add(digest_key(e));
+            Ok(())
+        })?;
+        v.partitions()
             .for_each(|(p, c)| d.add(digest_partition(p, c)));
-        if let Some(c) = &self.cluster_config {
+        if let Some(c) = v.cluster_config() {
             d.add(digest_cluster(c));
         }
-        self.idempotency
-            .values()
+        v.idempotency()
+            .iter()
             .for_each(|e| d.add(digest_idempotency(e)));
-        d
+        Ok(d)
+    }
+
+    /// Freezes the memtable at the applied LSN for a compaction: O(1), the foreground goes on
+    /// applying into a fresh memtable. One compaction at a time.
+    pub fn freeze(&mut self) -> Result<Arc<Frozen>, SnapshotError> {
+        if self.frozen.is_some() {
+            return Err(SnapshotError::Invalid(
+                "a compaction is already running (a frozen memtable exists)".into(),
+            ));
+        }
+        let f = Arc::new(Frozen {
+            base: self.base.clone(),
+            layer: std::mem::take(&mut self.mem),
+            lsn: self.lsn_applied,
+            window: self.idempotency_window_lsns,
+            digest: self.digest,
+            key_count: self.key_count,
+            partitions: self.partitions.clone(),
+            cluster: self.cluster_config.clone(),
+        });
+        self.frozen = Some(f.clone());
+        self.frozen_idem_expired = 0;
+        Ok(f)
+    }
+
+    /// Replaces base + frozen with `snap`, the verified snapshot written from the frozen layer.
+    pub fn install(&mut self, snap: Arc<Snapshot>) -> Result<(), SnapshotError> {
+        let Some(f) = &self.frozen else {
+            return Err(SnapshotError::Invalid(
+                "no frozen memtable to install".into(),
+            ));
+        };
+        if snap.lsn() != f.lsn || snap.digest() != f.digest {
+            return Err(SnapshotError::Invalid(format!(
+                "snapshot {} (lsn {}, digest {}) is not the frozen state (lsn {}, digest {})",
+                snap.path().display(),
+                snap.lsn(),
+                snap.digest(),
+                f.lsn,
+                f.digest
+            )));
+        }
+        let (window, lsn) = (self.idempotency_window_lsns, self.lsn_applied);
+        let entries = snap.idempotency();
+        self.base_idem_expired = snap
+            .idempotency_by_lsn()
+            .partition_point(|&i| !idem_live(entries[i as usize].lsn, window, lsn));
+        self.base = Some(snap);
+        self.frozen = None;
+        self.frozen_idem_expired = 0;
+        Ok(())
+    }
+
+    /// Undoes [`Self::freeze`] after a failed compaction: the frozen changes go back under the
+    /// memtable.
+    pub fn thaw(&mut self) {
+        let Some(f) = self.frozen.take() else { return };
+        let mut layer = f.layer.clone();
+        for _ in 0..self.frozen_idem_expired {
+            let (_, scope) = layer.idem_by_lsn.pop_front().expect("counted");
+            layer.idem.remove(&scope);
+        }
+        let mem = std::mem::take(&mut self.mem);
+        layer.keys.extend(mem.keys);
+        layer.idem.extend(mem.idem);
+        layer.idem_by_lsn.extend(mem.idem_by_lsn);
+        self.mem = layer;
+        self.frozen_idem_expired = 0;
     }
 
     /// Applies the record at `lsn`. Records at or below the applied LSN are replays and change
-    /// nothing (`AlreadyApplied`); LSNs may skip (raft entries applied elsewhere).
-    pub fn apply(&mut self, lsn: u64, kind: RecordKind, payload: &[u8]) -> ApplyResult {
+    /// nothing (`AlreadyApplied`); LSNs may skip (raft entries applied elsewhere). An error is
+    /// not an outcome: the snapshot under the state failed a read after it had verified, so the
+    /// state may be half-changed and the shard must stop and recover.
+    pub fn apply(
+        &mut self,
+        lsn: u64,
+        kind: RecordKind,
+        payload: &[u8],
+    ) -> Result<ApplyResult, SnapshotError> {
         if lsn <= self.lsn_applied {
-            return done(Outcome::of(OutcomeCode::AlreadyApplied));
+            return Ok(done(Outcome::of(OutcomeCode::AlreadyApplied)));
         }
         self.lsn_applied = lsn;
         self.expire_idempotency(lsn);
         let op = match Op::decode(kind, payload) {
             Ok(op) => op,
             Err(PayloadError::NotStateKind { .. }) => {
-                return done(Outcome::of(OutcomeCode::Ignored))
+                return Ok(done(Outcome::of(OutcomeCode::Ignored)))
             }
-            Err(_) => return done(Outcome::of(OutcomeCode::BadPayload)),
+            Err(_) => return Ok(done(Outcome::of(OutcomeCode::BadPayload))),
         };
         let scope = match &op {
             Op::KeyPut(p) if !p.idempotency_id.is_none() => {
@@ -420,19 +649,19 @@ impl StateMachine {
             _ => None,
         };
         let Some(scope) = scope else {
-            return done(self.execute(lsn, op));
+            return Ok(done(self.execute(lsn, op)?));
         };
         let fingerprint = fingerprint(kind, payload);
-        if let Some(e) = self.idempotency.get(&scope) {
+        if let Some(e) = self.idempotency_get(&scope) {
             if e.fingerprint == fingerprint {
-                return ApplyResult {
+                return Ok(ApplyResult {
                     outcome: e.first,
                     duplicate_of_lsn: Some(e.lsn),
-                };
+                });
             }
-            return done(Outcome::of(OutcomeCode::IdempotencyConflict));
+            return Ok(done(Outcome::of(OutcomeCode::IdempotencyConflict)));
         }
-        let first = self.execute(lsn, op);
+        let first = self.execute(lsn, op)?;
         self.insert_idempotency(IdempotencyEntry {
             partition: scope.0,
             id: scope.1,
@@ -440,11 +669,11 @@ impl StateMachine {
             first,
             lsn,
         });
-        done(first)
+        Ok(done(first))
     }
 
-    fn execute(&mut self, lsn: u64, op: Op) -> Outcome {
-        match op {
+    fn execute(&mut self, lsn: u64, op: Op) -> Result<Outcome, SnapshotError> {
+        Ok(match op {
             Op::ClusterConfig { config } => {
                 if let Some(old) = self.cluster_config.take() {
                     self.digest.sub(digest_cluster(&old));
@@ -455,84 +684,82 @@ impl StateMachine {
             }
             Op::PartitionCreate { partition, config } => {
                 if self.partitions.contains_key(&partition) {
-                    return Outcome::of(OutcomeCode::PartitionExists);
+                    return Ok(Outcome::of(OutcomeCode::PartitionExists));
                 }
                 self.digest.add(digest_partition(&partition, &config));
                 self.partitions.insert(partition, config);
                 Outcome::of(OutcomeCode::PartitionCreated)
             }
-            Op::PartitionDelete { partition } => self.delete_partition(partition),
-            Op::KeyPut(p) => self.key_put(lsn, p),
+            Op::PartitionDelete { partition } => self.delete_partition(partition)?,
+            Op::KeyPut(p) => self.key_put(lsn, p)?,
             Op::KeyDelete {
                 partition, key_id, ..
-            } => self.key_delete(partition, key_id),
+            } => self.key_delete(partition, key_id)?,
             Op::Checkpoint(_) => Outcome::of(OutcomeCode::CheckpointNoted),
-        }
+        })
     }
 
     /// A partition with keys is refused: deleting a tenant's keys takes explicit key deletes.
-    fn delete_partition(&mut self, partition: PartitionId) -> Outcome {
+    fn delete_partition(&mut self, partition: PartitionId) -> Result<Outcome, SnapshotError> {
         if !self.partitions.contains_key(&partition) {
-            return Outcome::of(OutcomeCode::NoSuchPartition);
+            return Ok(Outcome::of(OutcomeCode::NoSuchPartition));
         }
-        let lo = (partition, KeyId([0; 16]), 0);
-        let hi = (partition, KeyId([0xff; 16]), u32::MAX);
-        if self.keys.range(lo..=hi).next().is_some() {
-            return Outcome::of(OutcomeCode::PartitionNotEmpty);
+        if self.partition_has_keys(partition)? {
+            return Ok(Outcome::of(OutcomeCode::PartitionNotEmpty));
         }
         let config = self.partitions.remove(&partition).expect("checked above");
         self.digest.sub(digest_partition(&partition, &config));
-        Outcome::of(OutcomeCode::PartitionDeleted)
+        Ok(Outcome::of(OutcomeCode::PartitionDeleted))
     }
 
-    fn key_put(&mut self, lsn: u64, p: KeyPut) -> Outcome {
+    fn key_put(&mut self, lsn: u64, p: KeyPut) -> Result<Outcome, SnapshotError> {
         let h = p.header;
         if !self.partitions.contains_key(&h.partition) {
-            return Outcome::of(OutcomeCode::NoSuchPartition);
+            return Ok(Outcome::of(OutcomeCode::NoSuchPartition));
+        }
+        if let PutOp::Update = p.op {
+            let Some(old) = self.get(h.partition, h.key_id, h.version)? else {
+                return Ok(Outcome::of(OutcomeCode::NoSuchKey));
+            };
+            // Header, blob and creation LSN stay: an update never touches key material.
+            let new = KeyEntry {
+                state: p.state,
+                metadata: p.metadata,
+                ..old.clone()
+            };
+            self.replace_key(Some(&old), new);
+            return Ok(Outcome {
+                code: OutcomeCode::Updated,
+                version: h.version,
+            });
         }
         let current = self
-            .current(h.partition, h.key_id)
+            .current(h.partition, h.key_id)?
             .map(|e| e.header.version);
         match p.op {
             PutOp::Create => {
                 if current.is_some() {
-                    return Outcome::of(OutcomeCode::KeyExists);
+                    return Ok(Outcome::of(OutcomeCode::KeyExists));
                 }
                 if h.version != 1 {
-                    return Outcome::of(OutcomeCode::InvalidVersion);
+                    return Ok(Outcome::of(OutcomeCode::InvalidVersion));
                 }
             }
             PutOp::Rotate => {
                 let Some(current) = current else {
-                    return Outcome::of(OutcomeCode::NoSuchKey);
+                    return Ok(Outcome::of(OutcomeCode::NoSuchKey));
                 };
                 if p.version_replaced != current {
-                    return Outcome {
+                    return Ok(Outcome {
                         code: OutcomeCode::StaleVersion,
                         version: current,
-                    };
+                    });
                 }
                 if current.checked_add(1) != Some(h.version) {
-                    return Outcome::of(OutcomeCode::InvalidVersion);
+                    return Ok(Outcome::of(OutcomeCode::InvalidVersion));
                 }
             }
-            PutOp::Update => {
-                let slot = (h.partition, h.key_id, h.version);
-                let Some(old) = self.keys.get(&slot).cloned() else {
-                    return Outcome::of(OutcomeCode::NoSuchKey);
-                };
-                // Header, blob and creation LSN stay: an update never touches key material.
-                let new = KeyEntry {
-                    state: p.state,
-                    metadata: p.metadata,
-                    ..old.clone()
-                };
-                self.replace_key(Some(&old), new);
-                return Outcome {
-                    code: OutcomeCode::Updated,
-                    version: h.version,
-                };
-            }
+            PutOp::Update => unreachable!("handled above"),
         }
         let entry = KeyEntry {
             header: h,
@@ -546,86 +773,118 @@ impl StateMachine {
             PutOp::Create => OutcomeCode::Created,
             _ => OutcomeCode::Rotated,
         };
-        Outcome {
+        Ok(Outcome {
             code,
             version: h.version,
-        }
+        })
     }
 
     fn replace_key(&mut self, old: Option<&KeyEntry>, new: KeyEntry) {
-        if let Some(old) = old {
-            self.digest.sub(digest_key(old));
+        match old {
+            Some(old) => self.digest.sub(digest_key(old)),
+            None => self.key_count += 1,
         }
         self.digest.add(digest_key(&new));
-        self.keys.insert(new.slot(), new);
+        self.mem.keys.insert(new.slot(), Some(new));
+    }
+
+    /// Whether a layer below the memtable may hold key versions (then a deletion needs a
+    /// tombstone in the memtable; else the memtable entry just goes).
+    fn has_lower_layers(&self) -> bool {
+        self.base.is_some() || self.frozen.is_some()
     }
 
     /// A tombstone: every version goes. A later create with the same key id starts a new key.
-    fn key_delete(&mut self, partition: PartitionId, key_id: KeyId) -> Outcome {
-        let slots: Vec<KeySlot> = self
-            .versions(partition, key_id)
-            .map(KeyEntry::slot)
-            .collect();
-        if slots.is_empty() {
-            return Outcome::of(OutcomeCode::NoSuchKey);
+    fn key_delete(
+        &mut self,
+        partition: PartitionId,
+        key_id: KeyId,
+    ) -> Result<Outcome, SnapshotError> {
+        let versions = self.versions(partition, key_id)?;
+        if versions.is_empty() {
+            return Ok(Outcome::of(OutcomeCode::NoSuchKey));
         }
-        for s in &slots {
-            let e = self.keys.remove(s).expect("listed above");
-            self.digest.sub(digest_key(&e));
+        let lower = self.has_lower_layers();
+        for e in &versions {
+            self.digest.sub(digest_key(e));
+            if lower {
+                self.mem.keys.insert(e.slot(), None);
+            } else {
+                self.mem.keys.remove(&e.slot());
+            }
         }
-        Outcome {
+        self.key_count -= versions.len() as u64;
+        Ok(Outcome {
             code: OutcomeCode::Deleted,
-            version: slots.len() as u32,
+            version: versions.len() as u32,
+        })
+    }
+
+    /// The live idempotency entry of `scope`: memtable → frozen → base.
+    fn idempotency_get(&self, scope: &Scope) -> Option<IdempotencyEntry> {
+        let live = |e: &&IdempotencyEntry| {
+            idem_live(e.lsn, self.idempotency_window_lsns, self.lsn_applied)
+        };
+        if let Some(e) = self.mem.idem.get(scope).filter(live) {
+            return Some(*e);
         }
+        if let Some(e) = self
+            .frozen
+            .as_ref()
+            .and_then(|f| f.layer.idem.get(scope))
+            .filter(live)
+        {
+            return Some(*e);
+        }
+        let base = self.base.as_ref()?.idempotency();
+        let i = base
+            .binary_search_by(|e| (e.partition, e.id).cmp(scope))
+            .ok()?;
+        Some(base[i]).filter(|e| live(&e))
     }
 
     fn insert_idempotency(&mut self, e: IdempotencyEntry) {
         self.digest.add(digest_idempotency(&e));
-        self.idempotency_by_lsn.insert((e.lsn, e.partition, e.id));
-        self.idempotency.insert((e.partition, e.id), e);
+        let scope = (e.partition, e.id);
+        self.mem.idem_by_lsn.push_back((e.lsn, scope));
+        self.mem.idem.insert(scope, e);
     }
 
+    /// Drops the entries that expire at `lsn`, oldest layer first (layers are LSN-ordered).
     fn expire_idempotency(&mut self, lsn: u64) {
-        while let Some(&first) = self.idempotency_by_lsn.first() {
-            if first.0.saturating_add(self.idempotency_window_lsns) > lsn {
+        let w = self.idempotency_window_lsns;
+        if let Some(b) = &self.base {
+            let (entries, by_lsn) = (b.idempotency(), b.idempotency_by_lsn());
+            while let Some(&i) = by_lsn.get(self.base_idem_expired) {
+                let e = &entries[i as usize];
+                if idem_live(e.lsn, w, lsn) {
+                    break;
+                }
+                self.digest.sub(digest_idempotency(e));
+                self.base_idem_expired += 1;
+            }
+        }
+        if let Some(f) = &self.frozen {
+            while let Some((l, scope)) = f.layer.idem_by_lsn.get(self.frozen_idem_expired) {
+                if idem_live(*l, w, lsn) {
+                    break;
+                }
+                self.digest.sub(digest_idempotency(&f.layer.idem[scope]));
+                self.frozen_idem_expired += 1;
+            }
+        }
+        while let Some(&(l, scope)) = self.mem.idem_by_lsn.front() {
+            if idem_live(l, w, lsn) {
                 break;
             }
-            self.idempotency_by_lsn.remove(&first);
+            self.mem.idem_by_lsn.pop_front();
             let e = self
-                .idempotency
-                .remove(&(first.1, first.2))
+                .mem
+                .idem
+                .remove(&scope)
                 .expect("both indexes hold the same entries");
             self.digest.sub(digest_idempotency(&e));
         }
-    }
-
-    /// Rebuilds a state from its parts (snapshot load). Items are trusted to be valid encodings;
-    /// the caller compares the resulting digest with the one it expects.
-    pub(crate) fn from_parts(
-        lsn_applied: u64,
-        idempotency_window_lsns: u64,
-        keys: Vec<KeyEntry>,
-        partitions: Vec<(PartitionId, Vec<u8>)>,
-        cluster_config: Option<Vec<u8>>,
-        idempotency: Vec<IdempotencyEntry>,
-    ) -> StateMachine {
-        let mut s = StateMachine::with_idempotency_window(idempotency_window_lsns.max(1));
-        s.lsn_applied = lsn_applied;
-        for e in keys {
-            s.replace_key(None, e);
-        }
-        for (p, c) in partitions {
-            s.digest.add(digest_partition(&p, &c));
-            s.partitions.insert(p, c);
-        }
-        if let Some(c) = cluster_config {
-            s.digest.add(digest_cluster(&c));
-            s.cluster_config = Some(c);
-        }
-        for e in idempotency {
-            s.insert_idempotency(e);
-        }
-        s
     }
 }
 

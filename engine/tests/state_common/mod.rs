@@ -178,3 +178,18 @@ pub fn log(max: usize) -> impl Strategy<Value = Vec<(RecordKind, Vec<u8>)>> {
     })
 }
 pub mod card;
+
+/// Opens a snapshot (every check, MAC included) and the state served from it.
+pub fn open_state(
+    path: &std::path::Path,
+    card: &keyfort_hsm::CoreSession,
+) -> (
+    std::sync::Arc<keyfort_engine::snapshot::Snapshot>,
+    keyfort_engine::state::StateMachine,
+) {
+    let snap = std::sync::Arc::new(keyfort_engine::snapshot::Snapshot::open(path, card).unwrap());
+    (
+        snap.clone(),
+        keyfort_engine::state::StateMachine::from_snapshot(snap),
+    )
+}
