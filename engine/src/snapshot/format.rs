@@ -5,9 +5,9 @@
 use super::{read_exact_or_corrupt, write_all, Contents, SnapshotError, CONF_MEMBERS_MAX};
 use crate::state::payload::{put_bytes32, PayloadError, Reader};
 use crate::state::{
-    digest_cluster, digest_idempotency, digest_key, digest_partition, IdempotencyEntry, KeyEntry,
-    KeySlot, StateDigest, BLOB_BYTES_MAX, CLUSTER_CONFIG_BYTES_MAX, IDEMPOTENCY_ENTRY_BYTES,
-    METADATA_BYTES_MAX, PARTITION_CONFIG_BYTES_MAX,
+    digest_cluster, digest_idempotency, digest_key_bytes, digest_partition, IdempotencyEntry,
+    KeyEntry, KeySlot, StateDigest, BLOB_BYTES_MAX, CLUSTER_CONFIG_BYTES_MAX,
+    IDEMPOTENCY_ENTRY_BYTES, METADATA_BYTES_MAX, PARTITION_CONFIG_BYTES_MAX,
 };
 use keyfort_hsm::format::MAC_LEN;
 use keyfort_hsm::{KeyId, PartitionId};
@@ -24,7 +24,7 @@ const FOOTER_MAGIC: &[u8; 4] = b"KFSF";
 const TAIL_MAGIC: &[u8; 4] = b"KFSE";
 /// Data blocks close once they reach this size: large enough for sequential reads at disk
 /// speed, small enough that a point lookup reads and checks little.
-pub const BLOCK_BYTES_TARGET: usize = 64 * 1024;
+pub const BLOCK_BYTES_TARGET: usize = 16 * 1024;
 /// Footer bytes before the member lists.
 pub const FOOTER_FIXED_BYTES: usize = 136;
 /// Tail: footer length (u32) and magic.
@@ -279,12 +279,12 @@ pub(crate) struct BlockBuilder {
 }
 
 impl BlockBuilder {
-    pub(crate) fn push(&mut self, e: &KeyEntry) {
+    /// Appends one entry's canonical bytes (§3.7); `slot` is its slot.
+    pub(crate) fn push(&mut self, slot: KeySlot, b: &[u8]) {
         if self.body.is_empty() {
             self.body.extend_from_slice(&[0; 4]);
-            self.first = Some(e.slot());
+            self.first = Some(slot);
         }
-        let b = e.encode();
         self.body.extend_from_slice(&(b.len() as u16).to_le_bytes());
         self.body.extend_from_slice(&b);
         self.count += 1;
@@ -412,12 +412,13 @@ pub(crate) fn encode_cluster(c: Option<&[u8]>) -> Vec<u8> {
     w
 }
 
-/// Decodes one data block read for a lookup (`buf` = body ‖ crc), checking its crc first.
-pub(crate) fn decode_block(
+/// Checks one data block read from disk (`buf` = body ‖ crc): crc first, then its entry count
+/// against the index. Returns the body.
+pub(crate) fn check_block<'b>(
     path: &Path,
     entry: &BlockIndexEntry,
-    buf: &[u8],
-) -> Result<Vec<KeyEntry>, SnapshotError> {
+    buf: &'b [u8],
+) -> Result<&'b [u8], SnapshotError> {
     let corrupt = |what: String| SnapshotError::corrupt(path, entry.offset, what);
     let Some(body_len) = buf.len().checked_sub(4) else {
         return Err(corrupt("block shorter than its crc".into()));
@@ -426,24 +427,47 @@ pub(crate) fn decode_block(
     if crc32c::crc32c(&buf[..body_len]) != crc {
         return Err(corrupt("data block crc32c mismatch".into()));
     }
-    let mut r = Reader::new(&buf[..body_len], "data block");
-    let count = r.u32("entry count").map_err(|e| corrupt(e.to_string()))?;
-    if count != entry.entries {
+    let body = &buf[..body_len];
+    let count = body
+        .get(0..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+    if count != Some(entry.entries) {
         return Err(corrupt(format!(
-            "block holds {count} entries, index says {}",
+            "block holds {count:?} entries, index says {}",
             entry.entries
         )));
     }
-    let mut out = Vec::with_capacity(count.min(65536) as usize);
-    for _ in 0..count {
-        let len = r.u16("entry length").map_err(|e| corrupt(e.to_string()))?;
-        let b = r
-            .take(len as usize, "entry")
-            .map_err(|e| corrupt(e.to_string()))?;
-        out.push(KeyEntry::decode(b).map_err(|e| corrupt(e.to_string()))?);
-    }
-    r.finish().map_err(|e| corrupt(e.to_string()))?;
-    Ok(out)
+    Ok(body)
+}
+
+/// The encoded key entries of a checked block body, in order, without decoding them. A length
+/// running past the body is corruption (a block can only get here with a good crc, so that
+/// takes a deliberate edit).
+pub(crate) fn block_entries<'b>(
+    path: &'b Path,
+    entry: &'b BlockIndexEntry,
+    body: &'b [u8],
+) -> impl Iterator<Item = Result<&'b [u8], SnapshotError>> + 'b {
+    let mut at = 4usize;
+    let mut left = entry.entries;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        left -= 1;
+        let bad = || SnapshotError::corrupt(path, entry.offset, "entry runs past its block");
+        let Some(len) = body.get(at..at + 2) else {
+            left = 0;
+            return Some(Err(bad()));
+        };
+        let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+        let Some(e) = body.get(at + 2..at + 2 + len) else {
+            left = 0;
+            return Some(Err(bad()));
+        };
+        at += 2 + len;
+        Some(Ok(e))
+    })
 }
 
 /// The single sequential verifying pass over the sections of a file.
@@ -454,6 +478,9 @@ pub(crate) struct SectionReader<'a, R: Read> {
     pos: u64,
     chain: u64,
     digest: StateDigest,
+    /// Reused between data blocks: body bytes and (offset, length) of each entry.
+    block_buf: Vec<u8>,
+    spans: Vec<(usize, usize)>,
 }
 
 impl<'a, R: Read> SectionReader<'a, R> {
@@ -465,6 +492,8 @@ impl<'a, R: Read> SectionReader<'a, R> {
             pos: 0,
             chain: 0,
             digest: StateDigest::default(),
+            block_buf: Vec::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -550,34 +579,55 @@ impl<'a, R: Read> SectionReader<'a, R> {
         })
     }
 
+    /// Appends `n` bytes of the section region to `buf`, never reading past `limit`.
+    fn read_into(
+        &mut self,
+        buf: &mut Vec<u8>,
+        n: usize,
+        limit: u64,
+        what: &str,
+    ) -> Result<(), SnapshotError> {
+        if self.pos + n as u64 > limit {
+            return Err(self.corrupt(self.pos, format!("{what} runs past offset {limit}")));
+        }
+        let at = buf.len();
+        buf.resize(at + n, 0);
+        read_exact_or_corrupt(self.path, &mut self.r, &mut buf[at..], self.pos, what)?;
+        self.pos += n as u64;
+        Ok(())
+    }
+
     fn read_block(&mut self, last: &mut Option<KeySlot>) -> Result<BlockIndexEntry, SnapshotError> {
         let limit = self.footer.index_offset;
         let start = self.pos;
-        let mut body = self.read(4, limit, "data block entry count")?;
+        let mut body = std::mem::take(&mut self.block_buf);
+        body.clear();
+        self.read_into(&mut body, 4, limit, "data block entry count")?;
         let count = u32::from_le_bytes(body[0..4].try_into().expect("4 bytes"));
-        let mut spans = Vec::with_capacity(count.min(65536) as usize);
+        let mut spans = std::mem::take(&mut self.spans);
+        spans.clear();
         for _ in 0..count {
-            let len = self.read(2, limit, "data block entry length")?;
-            let len = u16::from_le_bytes([len[0], len[1]]) as usize;
-            body.extend_from_slice(&(len as u16).to_le_bytes());
-            let at = body.len();
-            body.extend_from_slice(&self.read(len, limit, "data block entry")?);
-            spans.push((at, len));
+            self.read_into(&mut body, 2, limit, "data block entry length")?;
+            let len = u16::from_le_bytes([body[body.len() - 2], body[body.len() - 1]]) as usize;
+            spans.push((body.len(), len));
+            self.read_into(&mut body, len, limit, "data block entry")?;
         }
         self.crc_and_chain(start, &body, limit, "data block")?;
         let mut first = None;
-        for (at, len) in spans {
+        for &(at, len) in &spans {
             let offset = start + at as u64;
-            let e = KeyEntry::decode(&body[at..at + len])
-                .map_err(|e| self.corrupt(offset, e.to_string()))?;
+            let b = &body[at..at + len];
+            let e = KeyEntry::decode_ref(b).map_err(|e| self.corrupt(offset, e.to_string()))?;
             let slot = e.slot();
             if last.is_some_and(|l| l >= slot) {
                 return Err(self.corrupt(offset, "key entries out of order"));
             }
             *last = Some(slot);
             first.get_or_insert(slot);
-            self.digest.0 = self.digest.0.wrapping_add(digest_key(&e));
+            self.digest.0 = self.digest.0.wrapping_add(digest_key_bytes(b));
         }
+        self.spans = spans;
+        self.block_buf = body;
         let Some(first) = first else {
             return Err(self.corrupt(start, "empty data block"));
         };

@@ -18,15 +18,15 @@ use crate::state::{IdempotencyEntry, KeyEntry, KeySlot, StateDigest, StateMachin
 use format::{SectionReader, SectionWriter};
 use keyfort_hsm::format::MAC_LEN;
 use keyfort_hsm::{CardError, CoreSession};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Decoded data blocks one open snapshot keeps for lookups: 256 × 64 KiB ≈ 16 MiB per shard.
-pub const BLOCK_CACHE_BLOCKS_MAX: usize = 256;
+/// Data blocks one open snapshot keeps for lookups: 1024 × 16 KiB ≈ 16 MiB per shard.
+pub const BLOCK_CACHE_BLOCKS_MAX: usize = 1024;
 /// Most raft members (voters + learners) a footer may name.
 pub const CONF_MEMBERS_MAX: usize = 64;
 /// Sequential read size when verifying a file on open.
@@ -274,9 +274,9 @@ fn write_body(
     let mut index = Vec::new();
     let mut block = format::BlockBuilder::default();
     let mut key_count = 0u64;
-    view.for_each_key::<SnapshotError>(|e| {
+    view.for_each_encoded(|slot, e| {
         key_count += 1;
-        block.push(e);
+        block.push(slot, e);
         if block.bytes() >= opts.block_bytes_target {
             index.push(w.block(&mut block).map_err(io)?);
         }
@@ -440,21 +440,19 @@ impl Snapshot {
         self.contents.cluster_config.as_deref()
     }
 
-    /// One key version: index → one block (from the cache, or read and crc-checked).
+    /// One key version: index → one block (from the cache, or read and crc-checked); only the
+    /// matching entry is decoded.
     pub fn get(&self, slot: KeySlot) -> Result<Option<KeyEntry>, SnapshotError> {
-        let index = &self.contents.index;
-        let pos = index.partition_point(|b| b.first <= slot);
-        if pos == 0 {
-            return Ok(None);
-        }
-        let block = self.block(pos - 1)?;
-        Ok(block
-            .binary_search_by(|e| e.slot().cmp(&slot))
-            .ok()
-            .map(|i| block[i].clone()))
+        let mut found = None;
+        self.scan(slot, slot, &mut |e| {
+            found = Some(e.clone());
+            false
+        })?;
+        Ok(found)
     }
 
-    /// Calls `f` with the key versions in `lo..=hi` in order until it returns false.
+    /// Calls `f` with the key versions in `lo..=hi` in order until it returns false. Entries
+    /// are compared by their slot bytes; only those in range are decoded.
     pub fn scan(
         &self,
         lo: KeySlot,
@@ -464,10 +462,20 @@ impl Snapshot {
         let index = &self.contents.index;
         let mut i = index.partition_point(|b| b.first <= lo).saturating_sub(1);
         while i < index.len() && index[i].first <= hi {
-            let block = self.block(i)?;
-            let from = block.partition_point(|e| e.slot() < lo);
-            for e in &block[from..] {
-                if e.slot() > hi || !f(e) {
+            let entry = &index[i];
+            let body = self.block(i)?;
+            for b in format::block_entries(&self.path, entry, &body) {
+                let b = b?;
+                let corrupt = |what: String| SnapshotError::corrupt(&self.path, entry.offset, what);
+                let slot = KeyEntry::slot_of(b).ok_or_else(|| corrupt("short key entry".into()))?;
+                if slot < lo {
+                    continue;
+                }
+                if slot > hi {
+                    return Ok(());
+                }
+                let e = KeyEntry::decode(b).map_err(|e| corrupt(e.to_string()))?;
+                if !f(&e) {
                     return Ok(());
                 }
             }
@@ -476,51 +484,83 @@ impl Snapshot {
         Ok(())
     }
 
-    fn block(&self, i: usize) -> Result<Arc<Vec<KeyEntry>>, SnapshotError> {
+    /// The checked body of data block `i`, from the cache or read with `pread`.
+    fn block(&self, i: usize) -> Result<Arc<[u8]>, SnapshotError> {
         if let Some(b) = self.cache.lock().expect("block cache").get(i) {
             return Ok(b);
         }
-        let entries = Arc::new(self.read_block(i)?);
-        self.cache
-            .lock()
-            .expect("block cache")
-            .put(i, entries.clone());
-        Ok(entries)
-    }
-
-    /// Reads and checks data block `i`, bypassing the cache (sequential merges).
-    pub fn read_block(&self, i: usize) -> Result<Vec<KeyEntry>, SnapshotError> {
         let entry = &self.contents.index[i];
         let mut buf = vec![0u8; entry.len as usize];
         self.file
             .read_exact_at(&mut buf, entry.offset)
             .map_err(|e| SnapshotError::io(&self.path, e))?;
-        format::decode_block(&self.path, entry, &buf)
+        let body: Arc<[u8]> = format::check_block(&self.path, entry, &buf)?.into();
+        self.cache.lock().expect("block cache").put(i, body.clone());
+        Ok(body)
+    }
+
+    /// Reads and checks data block `i`, bypassing the cache, and calls `f` with the slot and
+    /// canonical bytes of each entry in order (sequential merges).
+    pub(crate) fn visit_block(
+        &self,
+        i: usize,
+        f: &mut dyn FnMut(KeySlot, &[u8]) -> Result<(), SnapshotError>,
+    ) -> Result<(), SnapshotError> {
+        let entry = &self.contents.index[i];
+        let mut buf = vec![0u8; entry.len as usize];
+        self.file
+            .read_exact_at(&mut buf, entry.offset)
+            .map_err(|e| SnapshotError::io(&self.path, e))?;
+        let body = format::check_block(&self.path, entry, &buf)?;
+        for b in format::block_entries(&self.path, entry, body) {
+            let b = b?;
+            let slot = KeyEntry::slot_of(b).ok_or_else(|| {
+                SnapshotError::corrupt(&self.path, entry.offset, "short key entry")
+            })?;
+            f(slot, b)?;
+        }
+        Ok(())
     }
 }
 
-/// Least-recently-used decoded blocks, at most [`BLOCK_CACHE_BLOCKS_MAX`].
+/// Checked block bodies, at most [`BLOCK_CACHE_BLOCKS_MAX`], evicted by CLOCK (second chance):
+/// a hit only sets a bit, a miss advances the hand past recently used blocks.
 #[derive(Default)]
 struct BlockCache {
-    blocks: HashMap<usize, Arc<Vec<KeyEntry>>>,
-    order: VecDeque<usize>,
+    slot_of: HashMap<usize, usize>,
+    /// (block number, body, used since the hand last passed).
+    slots: Vec<(usize, Arc<[u8]>, bool)>,
+    hand: usize,
 }
 
 impl BlockCache {
-    fn get(&mut self, i: usize) -> Option<Arc<Vec<KeyEntry>>> {
-        let b = self.blocks.get(&i)?.clone();
-        self.order.retain(|x| *x != i);
-        self.order.push_back(i);
-        Some(b)
+    fn get(&mut self, i: usize) -> Option<Arc<[u8]>> {
+        let s = &mut self.slots[*self.slot_of.get(&i)?];
+        s.2 = true;
+        Some(s.1.clone())
     }
-    fn put(&mut self, i: usize, b: Arc<Vec<KeyEntry>>) {
-        if self.blocks.len() >= BLOCK_CACHE_BLOCKS_MAX {
-            if let Some(old) = self.order.pop_front() {
-                self.blocks.remove(&old);
-            }
+    fn put(&mut self, i: usize, b: Arc<[u8]>) {
+        if self.slot_of.contains_key(&i) {
+            return;
         }
-        self.blocks.insert(i, b);
-        self.order.push_back(i);
+        if self.slots.len() < BLOCK_CACHE_BLOCKS_MAX {
+            self.slot_of.insert(i, self.slots.len());
+            self.slots.push((i, b, true));
+            return;
+        }
+        loop {
+            let hand = self.hand;
+            self.hand = (hand + 1) % self.slots.len();
+            let s = &mut self.slots[hand];
+            if s.2 {
+                s.2 = false;
+                continue;
+            }
+            self.slot_of.remove(&s.0);
+            *s = (i, b, true);
+            self.slot_of.insert(i, hand);
+            return;
+        }
     }
 }
 

@@ -99,12 +99,13 @@ impl View<'_> {
         self.cluster
     }
 
-    /// Calls `f` with every live key version in (partition, key id, version) order: the base
-    /// file read block by block, merged with the layers above it.
-    pub fn for_each_key<E: From<SnapshotError>>(
+    /// Calls `f` with the slot and canonical bytes (§3.7) of every live key version in
+    /// (partition, key id, version) order: the base file read block by block (its entries passed
+    /// through undecoded), merged with the layers above it (encoded here).
+    pub fn for_each_encoded(
         &self,
-        mut f: impl FnMut(&KeyEntry) -> Result<(), E>,
-    ) -> Result<(), E> {
+        mut f: impl FnMut(KeySlot, &[u8]) -> Result<(), SnapshotError>,
+    ) -> Result<(), SnapshotError> {
         let mut over: BTreeMap<&KeySlot, Option<&KeyEntry>> = BTreeMap::new();
         for l in &self.layers {
             for (s, v) in &l.keys {
@@ -114,34 +115,43 @@ impl View<'_> {
         let mut over = over.into_iter().peekable();
         if let Some(base) = self.base {
             for i in 0..base.index().len() {
-                for b in base.read_block(i)?.iter() {
-                    let slot = b.slot();
+                base.visit_block(i, &mut |slot, b| {
                     while let Some((s, v)) = over.next_if(|(s, _)| **s < slot) {
-                        debug_assert!(*s < slot);
                         if let Some(e) = v {
-                            f(e)?;
+                            f(*s, &e.encode())?;
                         }
                     }
                     match over.next_if(|(s, _)| **s == slot) {
-                        Some((_, Some(e))) => f(e)?,
-                        Some((_, None)) => {}
-                        None => f(b)?,
+                        Some((_, Some(e))) => f(slot, &e.encode()),
+                        Some((_, None)) => Ok(()),
+                        None => f(slot, b),
                     }
-                }
+                })?;
             }
         }
-        for (_, v) in over {
+        for (s, v) in over {
             if let Some(e) = v {
-                f(e)?;
+                f(*s, &e.encode())?;
             }
         }
         Ok(())
     }
 
+    /// [`View::for_each_encoded`], decoded.
+    pub fn for_each_key(
+        &self,
+        mut f: impl FnMut(&KeyEntry) -> Result<(), SnapshotError>,
+    ) -> Result<(), SnapshotError> {
+        self.for_each_encoded(|_, b| {
+            let e = KeyEntry::decode(b).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+            f(&e)
+        })
+    }
+
     /// Every live key version, in order (tests and tools; a snapshot streams instead).
     pub fn keys(&self) -> Result<Vec<KeyEntry>, SnapshotError> {
         let mut out = Vec::new();
-        self.for_each_key::<SnapshotError>(|e| {
+        self.for_each_key(|e| {
             out.push(e.clone());
             Ok(())
         })?;

@@ -78,22 +78,68 @@ impl KeyEntry {
         w
     }
 
+    /// The slot of an encoded entry, read without decoding the rest (lookups scan blocks with
+    /// it). `None` if the bytes are too short to hold one.
+    pub fn slot_of(b: &[u8]) -> Option<KeySlot> {
+        // entry version (1) ‖ header: format (1) ‖ partition (16) ‖ key id (16) ‖ version (4)
+        let b = b.get(2..38)?;
+        Some((
+            PartitionId(b[0..16].try_into().expect("16 bytes")),
+            KeyId(b[16..32].try_into().expect("16 bytes")),
+            u32::from_le_bytes(b[32..36].try_into().expect("4 bytes")),
+        ))
+    }
+
     pub fn decode(b: &[u8]) -> Result<KeyEntry, PayloadError> {
+        KeyEntry::decode_ref(b).map(|r| r.to_owned())
+    }
+
+    /// Decodes without copying metadata and blob (checks that need no owned entry).
+    pub fn decode_ref(b: &[u8]) -> Result<KeyEntryRef<'_>, PayloadError> {
         let mut r = Reader::new(b, "key entry");
         r.version()?;
         let header = r.key_header()?;
         let state = r.key_state()?;
         let lsn_created = r.u64("lsn created")?;
-        let metadata = r.bytes16("metadata", METADATA_BYTES_MAX)?;
-        let blob = r.bytes16("blob", BLOB_BYTES_MAX)?;
+        let metadata = r.bytes16_ref("metadata", METADATA_BYTES_MAX)?;
+        let blob = r.bytes16_ref("blob", BLOB_BYTES_MAX)?;
         r.finish()?;
-        Ok(KeyEntry {
+        Ok(KeyEntryRef {
             header,
             state,
             lsn_created,
             metadata,
             blob,
         })
+    }
+}
+
+/// A [`KeyEntry`] borrowing metadata and blob from its encoded bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyEntryRef<'a> {
+    pub header: KeyHeader,
+    pub state: KeyState,
+    pub lsn_created: u64,
+    pub metadata: &'a [u8],
+    pub blob: &'a [u8],
+}
+
+impl KeyEntryRef<'_> {
+    pub fn slot(&self) -> KeySlot {
+        (
+            self.header.partition,
+            self.header.key_id,
+            self.header.version,
+        )
+    }
+    pub fn to_owned(&self) -> KeyEntry {
+        KeyEntry {
+            header: self.header,
+            state: self.state,
+            lsn_created: self.lsn_created,
+            metadata: self.metadata.to_vec(),
+            blob: self.blob.to_vec(),
+        }
     }
 }
 
@@ -246,7 +292,20 @@ impl StateDigest {
         StateDigest(u128::from_le_bytes(b))
     }
     fn item(tag: u8, parts: &[&[u8]]) -> u128 {
-        let mut buf = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+        /// Items up to this size are hashed from a stack buffer (every key entry is).
+        const STACK_BYTES: usize = 2048;
+        let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+        if len <= STACK_BYTES {
+            let mut buf = [0u8; STACK_BYTES];
+            buf[0] = tag;
+            let mut at = 1;
+            for p in parts {
+                buf[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            return xxh3_128(&buf[..len]);
+        }
+        let mut buf = Vec::with_capacity(len);
         buf.push(tag);
         for p in parts {
             buf.extend_from_slice(p);
@@ -280,7 +339,11 @@ const TAG_CLUSTER: u8 = 3;
 const TAG_IDEMPOTENCY: u8 = 4;
 
 pub(crate) fn digest_key(e: &KeyEntry) -> u128 {
-    StateDigest::item(TAG_KEY, &[&e.encode()])
+    digest_key_bytes(&e.encode())
+}
+/// [`digest_key`] of an entry from its canonical bytes (what snapshot blocks hold).
+pub(crate) fn digest_key_bytes(encoded: &[u8]) -> u128 {
+    StateDigest::item(TAG_KEY, &[encoded])
 }
 pub(crate) fn digest_partition(p: &PartitionId, config: &[u8]) -> u128 {
     StateDigest::item(TAG_PARTITION, &[&p.0, config])
@@ -532,8 +595,8 @@ impl StateMachine {
     pub fn digest_recomputed(&self) -> Result<StateDigest, SnapshotError> {
         let v = self.view();
         let mut d = StateDigest::default();
-        v.for_each_key::<SnapshotError>(|e| {
-            d.add(digest_key(e));
+        v.for_each_encoded(|_, b| {
+            d.add(digest_key_bytes(b));
             Ok(())
         })?;
         v.partitions()

@@ -344,6 +344,15 @@ impl<'a> Reader<'a> {
         field: &'static str,
         max: usize,
     ) -> Result<Vec<u8>, PayloadError> {
+        Ok(self.bounded_ref(len, field, max)?.to_vec())
+    }
+
+    fn bounded_ref(
+        &mut self,
+        len: usize,
+        field: &'static str,
+        max: usize,
+    ) -> Result<&'a [u8], PayloadError> {
         if len > max {
             return Err(PayloadError::TooLong {
                 what: self.what,
@@ -352,7 +361,7 @@ impl<'a> Reader<'a> {
                 max,
             });
         }
-        Ok(self.take(len, field)?.to_vec())
+        self.take(len, field)
     }
 
     pub(crate) fn bytes16(
@@ -360,8 +369,16 @@ impl<'a> Reader<'a> {
         field: &'static str,
         max: usize,
     ) -> Result<Vec<u8>, PayloadError> {
+        Ok(self.bytes16_ref(field, max)?.to_vec())
+    }
+
+    pub(crate) fn bytes16_ref(
+        &mut self,
+        field: &'static str,
+        max: usize,
+    ) -> Result<&'a [u8], PayloadError> {
         let len = self.u16(field)? as usize;
-        self.bounded(len, field, max)
+        self.bounded_ref(len, field, max)
     }
 
     pub(crate) fn bytes32(
