@@ -286,7 +286,7 @@ impl BlockBuilder {
             self.first = Some(slot);
         }
         self.body.extend_from_slice(&(b.len() as u16).to_le_bytes());
-        self.body.extend_from_slice(&b);
+        self.body.extend_from_slice(b);
         self.count += 1;
     }
     pub(crate) fn bytes(&self) -> usize {

@@ -504,7 +504,7 @@ impl Snapshot {
     pub(crate) fn visit_block(
         &self,
         i: usize,
-        f: &mut dyn FnMut(KeySlot, &[u8]) -> Result<(), SnapshotError>,
+        f: &mut EntryVisitor<'_>,
     ) -> Result<(), SnapshotError> {
         let entry = &self.contents.index[i];
         let mut buf = vec![0u8; entry.len as usize];
@@ -522,6 +522,9 @@ impl Snapshot {
         Ok(())
     }
 }
+
+/// What [`Snapshot::visit_block`] calls with each entry's slot and canonical bytes.
+pub(crate) type EntryVisitor<'a> = dyn FnMut(KeySlot, &[u8]) -> Result<(), SnapshotError> + 'a;
 
 /// Checked block bodies, at most [`BLOCK_CACHE_BLOCKS_MAX`], evicted by CLOCK (second chance):
 /// a hit only sets a bit, a miss advances the hand past recently used blocks.
