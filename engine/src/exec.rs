@@ -7,7 +7,8 @@
 //! `ulimit -l` (memlock).
 
 use glommio::{
-    executor, Latency, LocalExecutor, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle,
+    executor, Latency, LocalExecutor, LocalExecutorBuilder, Placement, PoolPlacement, Shares,
+    TaskQueueHandle,
 };
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ pub const FOREGROUND_SHARES: usize = 1000;
 pub const BACKGROUND_SHARES: usize = 100;
 /// Name of the probe file written in the data directory.
 pub const IO_PROBE_FILE: &str = "io-probe";
+/// Threads of each executor's blocking pool (snapshot writes and verifying opens), unpinned.
+pub const BLOCKING_THREADS: usize = 1;
 /// DMA memory registered per executor by default.
 pub const IO_MEMORY_DEFAULT: usize = 10 << 20;
 
@@ -52,9 +55,18 @@ impl ExecConfig {
 
     fn builder(&self) -> LocalExecutorBuilder {
         let placement = self.core.map_or(Placement::Unbound, Placement::Fixed);
+        // glommio pins the blocking pool to the executor's own core by default, and an
+        // unbound pool thread would inherit the executor's affinity; ours runs snapshot merges
+        // and verification and must not take the core from the foreground: fence it to every
+        // online CPU so the kernel places it.
+        let pool = match glommio::CpuSet::online() {
+            Ok(all) => PoolPlacement::Fenced(BLOCKING_THREADS, all),
+            Err(_) => PoolPlacement::Unbound(BLOCKING_THREADS),
+        };
         LocalExecutorBuilder::new(placement)
             .name(&self.name)
             .io_memory(self.io_memory)
+            .blocking_thread_pool_placement(pool)
     }
 }
 

@@ -4,7 +4,7 @@
 mod state_common;
 
 use keyfort_engine::compaction::{compact, compaction_due, CompactionConfig, CompactionContext};
-use keyfort_engine::recovery::recover_local;
+use keyfort_engine::recovery::{open_and_recover, recover_local};
 use keyfort_engine::snapshot::{self, SnapshotMeta, WriteOptions};
 use keyfort_engine::state::{StateMachine, IDEMPOTENCY_WINDOW_LSNS};
 use keyfort_engine::wbl::{HardState, RecordKind, Wbl, WblOptions};
@@ -161,6 +161,25 @@ fn recover(root: &Path) -> keyfort_engine::recovery::LocalRecovery {
     .unwrap()
 }
 
+/// The node's start path: the newest snapshot verified on the blocking pool during the log scan.
+fn start(root: &Path) -> keyfort_engine::recovery::LocalRecovery {
+    keyfort_engine::exec::run_local(root, |_| async move {
+        let card = card::session();
+        let s = open_and_recover(
+            &root.join("snap"),
+            &root.join("wbl"),
+            opts(),
+            &card,
+            IDEMPOTENCY_WINDOW_LSNS,
+        )
+        .await
+        .unwrap();
+        s.wbl.close().await.unwrap();
+        s.local
+    })
+    .unwrap()
+}
+
 #[test]
 fn compaction_racing_with_appends_then_recovery_reproduces_the_committed_state() {
     let root = tempfile::tempdir().unwrap();
@@ -173,6 +192,9 @@ fn compaction_racing_with_appends_then_recovery_reproduces_the_committed_state()
     let want = reference(&log, 650);
     assert_eq!(r.state.digest(), want.digest());
     assert_eq!(r.state, want);
+    let s = start(root.path());
+    assert_eq!((s.lsn_snapshot, s.records_replayed), (600, 50));
+    assert_eq!(s.state, want);
 }
 
 #[test]
@@ -203,6 +225,10 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_previous_one_and_the_log() {
     );
     assert_eq!(r.records_replayed, 350);
     assert_eq!(r.state, reference(&log, 650));
+    let s = start(root.path());
+    assert_eq!((s.lsn_snapshot, s.skipped.len()), (300, 1));
+    assert_eq!(s.skipped[0].reason, r.skipped[0].reason);
+    assert_eq!(s.state, reference(&log, 650));
 }
 
 #[test]

@@ -15,7 +15,7 @@ use keyfort_engine::compaction::{
     compact, compaction_due, CompactionConfig, CompactionContext, CompactionReport,
 };
 use keyfort_engine::exec::{self, Queues};
-use keyfort_engine::recovery::{recover_local, replay};
+use keyfort_engine::recovery::{open_and_recover, recover_local, replay};
 use keyfort_engine::snapshot::{self, Snapshot};
 use keyfort_engine::state::{
     IdempotencyId, KeyPut, KeyState, Op, PutOp, StateMachine, IDEMPOTENCY_WINDOW_LSNS,
@@ -545,29 +545,40 @@ fn restart(c: &CardSetup, dir: &Path, with_snapshot: bool) -> RestartResult {
         let t0 = Instant::now();
         let mac = session(c);
         let card_session_s = t0.elapsed().as_secs_f64();
-        let (wbl, rep) = Wbl::open(d.join("wbl"), wbl_opts(&q))
+        let (wbl, rep, snapshot_open_s, replay_s, records_replayed, state) = if with_snapshot {
+            // A node's start: the newest snapshot verifies on the blocking pool while the log
+            // is scanned here.
+            let s = open_and_recover(
+                &d.join("snapshots"),
+                &d.join("wbl"),
+                wbl_opts(&q),
+                &mac,
+                IDEMPOTENCY_WINDOW_LSNS,
+            )
             .await
-            .expect("open wbl");
-        let wbl_scan_s = t0.elapsed().as_secs_f64() - card_session_s;
-        let (snapshot_open_s, replay_s, records_replayed, state) = if with_snapshot {
-            let r = recover_local(&d.join("snapshots"), &wbl, &mac, IDEMPOTENCY_WINDOW_LSNS)
-                .await
-                .expect("recover");
+            .expect("recover");
+            let r = s.local;
             assert!(r.snapshot.is_some(), "recovery used a snapshot");
             (
+                s.wbl,
+                s.wbl_report,
                 r.open_duration.as_secs_f64(),
                 r.replay_duration.as_secs_f64(),
                 r.records_replayed,
                 r.state,
             )
         } else {
+            let (wbl, rep) = Wbl::open(d.join("wbl"), wbl_opts(&q))
+                .await
+                .expect("open wbl");
             let mut state = StateMachine::new();
             let t = Instant::now();
             let n = replay(&wbl, &mut state, wbl.hard_state().commit)
                 .await
                 .expect("replay");
-            (0.0, t.elapsed().as_secs_f64(), n, state)
+            (wbl, rep, 0.0, t.elapsed().as_secs_f64(), n, state)
         };
+        let wbl_scan_s = rep.elapsed.as_secs_f64();
         let total_s = t0.elapsed().as_secs_f64();
         let out = RestartResult {
             total_s,
@@ -592,7 +603,7 @@ fn restart_json(r: &RestartResult) -> serde_json::Value {
         "card_session_s": r.card_session_s,
         "wbl_scan_s": r.wbl_scan_s,
         "wbl_bytes_scanned": r.wbl_bytes_scanned,
-        "snapshot_open_state_s": r.snapshot_open_s,
+        "snapshot_open_after_wbl_s": r.snapshot_open_s,
         "replay_s": r.replay_s,
         "records_replayed": r.records_replayed,
         "lsn_applied": r.lsn_applied,
@@ -694,7 +705,11 @@ fn main() {
         format!("{:.3} ({} B)", with.wbl_scan_s, with.wbl_bytes_scanned),
     );
     row(
-        "  snapshot open (verify, cold)",
+        "  snapshot verify (cold, alone)",
+        format!("{verify_only_s:.3}"),
+    );
+    row(
+        "  snapshot ready after the wbl scan",
         format!("{:.3}", with.snapshot_open_s),
     );
     row(

@@ -111,7 +111,10 @@ pub async fn compact(
     } else {
         wbl.first_lsn()
     };
-    let snapshots_removed = remove_old(dir)?;
+    let d = dir.to_path_buf();
+    let snapshots_removed = glommio::executor()
+        .spawn_blocking(move || remove_old(&d))
+        .await?;
     tracing::info!(
         file = %path.display(),
         lsn,

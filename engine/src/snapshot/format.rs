@@ -568,8 +568,13 @@ impl<'a, R: Read> SectionReader<'a, R> {
                 ),
             ));
         }
-        let mut idempotency_by_lsn: Vec<u32> = (0..idempotency.len() as u32).collect();
-        idempotency_by_lsn.sort_unstable_by_key(|&i| idempotency[i as usize].lsn);
+        let mut by_lsn: Vec<(u64, u32)> = idempotency
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.lsn, i as u32))
+            .collect();
+        by_lsn.sort_unstable();
+        let idempotency_by_lsn = by_lsn.into_iter().map(|(_, i)| i).collect();
         Ok(Contents {
             index,
             partitions,

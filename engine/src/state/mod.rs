@@ -292,8 +292,9 @@ impl StateDigest {
         StateDigest(u128::from_le_bytes(b))
     }
     fn item(tag: u8, parts: &[&[u8]]) -> u128 {
-        /// Items up to this size are hashed from a stack buffer (every key entry is).
-        const STACK_BYTES: usize = 2048;
+        /// Items up to this size are hashed from a stack buffer (typical key entries, every
+        /// idempotency entry); small, because the buffer is zeroed on every call.
+        const STACK_BYTES: usize = 384;
         let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
         if len <= STACK_BYTES {
             let mut buf = [0u8; STACK_BYTES];
