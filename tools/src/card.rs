@@ -62,6 +62,14 @@ pub enum CardCmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make the cluster integrity key in a card and write it wrapped under the adapter KBK
+    /// (docs/format.md §2.4): once per cluster; every card of the realm loads the file.
+    IntegrityKey {
+        #[command(flatten)]
+        card: CardAt,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Create an AES-256 key in the card under a partition and write its masked blob.
     KeyCreate {
         #[command(flatten)]
@@ -186,6 +194,21 @@ pub fn run(cmd: CardCmd) -> crate::CmdResult {
                 .and_then(|mut c| c.import_partition(&bytes))
                 .map_err(s)?;
             println!("partition {id}: imports on card {label}");
+            Ok(())
+        }
+        CardCmd::IntegrityKey { card: at, out } => {
+            let card = open(&at.token_dir, &at.label)?;
+            let key = card
+                .session()
+                .and_then(|mut c| c.create_integrity_key())
+                .map_err(s)?;
+            write(&out, &key)?;
+            println!(
+                "cluster integrity key made in card {}: wrapped ({} bytes) written to {}",
+                at.label,
+                key.len(),
+                out.display()
+            );
             Ok(())
         }
         CardCmd::KeyCreate { card, config, out } => {

@@ -4,10 +4,16 @@
 //!    imported on the others, masked keys created on one card and used on another;
 //! 2. the WBL crash drill: a child process appends through the WBL on every core with many
 //!    concurrent appenders, is SIGKILLed mid-flight, and every shard's log is reopened: the drill
-//!    prints what recovery found and how long it took, and checks no acknowledged record was lost.
+//!    prints what recovery found and how long it took, and checks no acknowledged record was lost;
+//! 3. the snapshot drill ([`crate::demo_snapshot`]): a child process runs every shard's write path
+//!    (masked keys made in node-1's card, appended, applied once durable, the commit persisted,
+//!    rolling snapshots compacted in the background), is SIGKILLed, and every shard recovers from
+//!    its newest verified snapshot plus the log: the drill prints what each phase took and checks
+//!    no reported commit was lost.
 
 use keyfort_engine::exec;
 use keyfort_engine::wbl::{RecordKind, Wbl, WblOptions};
+use keyfort_hsm::pin::USER_PIN_FILE_ENV;
 use std::cell::Cell;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -19,8 +25,8 @@ use std::time::{Duration, Instant};
 const DRILL_APPENDERS: usize = 64;
 /// Payload of each drill record (the size of a masked key record).
 const DRILL_PAYLOAD_BYTES: usize = 128;
-/// How often the writer child reports its acknowledged LSNs.
-const ACK_REPORT_EVERY: Duration = Duration::from_millis(5);
+/// How often a writer child reports its acknowledged (or committed) LSNs.
+pub(crate) const ACK_REPORT_EVERY: Duration = Duration::from_millis(5);
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -39,8 +45,23 @@ pub fn run(args: DemoArgs) -> crate::CmdResult {
     let shards = args
         .shards
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    cards_demo(&args.data_dir.join("cards"))?;
-    wbl_crash_drill(&args.data_dir.join("wbl"), shards, args.seconds)
+    let cards = args.data_dir.join("cards");
+    // The card sessions of this process (the snapshot drill's recovery) and of its children use
+    // the demo's PIN file; set once, before any thread of this process starts.
+    std::env::set_var(USER_PIN_FILE_ENV, cards.join(USER_PIN_FILE));
+    cards_demo(&cards)?;
+    wbl_crash_drill(&args.data_dir.join("wbl"), shards, args.seconds)?;
+    crate::demo_snapshot::snapshot_drill(&args.data_dir, shards, args.seconds)
+}
+
+/// Files of the card demo's directory that the snapshot drill uses.
+pub(crate) const USER_PIN_FILE: &str = "user.pin";
+pub(crate) const PARTITION_CONFIG_FILE: &str = "partition.cfg";
+pub(crate) const INTEGRITY_KEY_FILE: &str = "integrity.key";
+
+/// Node `n`'s card in the card demo's directory: its token directory and token label.
+pub(crate) fn node_card(cards: &Path, n: usize) -> (PathBuf, String) {
+    (cards.join(format!("node-{n}/card")), format!("node-{n}"))
 }
 
 /// Nodes (one card each, each in its own token directory) in the card demo.
@@ -49,11 +70,9 @@ const DEMO_NODES: usize = 3;
 /// Runs `keyfort card ARGS` as a child process (each card lives in its own process, as each
 /// node's will) and returns its stdout; a failure carries the child's stderr.
 fn card_cli(pins: &Path, args: &[&str]) -> Result<String, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
-    let out = Command::new(exe)
-        .arg("card")
+    let out = keyfort_child("card")?
         .args(args)
-        .env("KEYFORT_PIN_FILE", pins.join("user.pin"))
+        .env(USER_PIN_FILE_ENV, pins.join(USER_PIN_FILE))
         .env("KEYFORT_SO_PIN_FILE", pins.join("so.pin"))
         .output()
         .map_err(|e| format!("keyfort card {}: {e}", args[0]))?;
@@ -84,7 +103,7 @@ fn cards_demo(dir: &Path) -> crate::CmdResult {
     let io = |e: std::io::Error| format!("{}: {e}", dir.display());
     std::fs::create_dir_all(dir).map_err(io)?;
     // Development PINs, in files only the demo reads: never on a command line or in a log.
-    std::fs::write(dir.join("user.pin"), random_pin()).map_err(io)?;
+    std::fs::write(dir.join(USER_PIN_FILE), random_pin()).map_err(io)?;
     std::fs::write(dir.join("so.pin"), random_pin()).map_err(io)?;
     let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
     let (kit, rogue_kit) = (p("kit"), p("kit-other-realm"));
@@ -106,7 +125,10 @@ fn cards_demo(dir: &Path) -> crate::CmdResult {
             &kit,
         ],
     )?;
-    let node = |n: usize| (p(&format!("node-{n}/card")), format!("node-{n}"));
+    let node = |n: usize| {
+        let (td, label) = node_card(dir, n);
+        (td.to_string_lossy().into_owned(), label)
+    };
     for n in 1..=DEMO_NODES {
         let (td, label) = node(n);
         step(
@@ -115,7 +137,7 @@ fn cards_demo(dir: &Path) -> crate::CmdResult {
             &["init", "--token-dir", &td, "--label", &label, "--kit", &kit],
         )?;
     }
-    let cfg = p("partition.cfg");
+    let cfg = p(PARTITION_CONFIG_FILE);
     let (td1, l1) = node(1);
     step(
         "partition create on node-1",
@@ -128,6 +150,19 @@ fn cards_demo(dir: &Path) -> crate::CmdResult {
             &l1,
             "--out",
             &cfg,
+        ],
+    )?;
+    step(
+        "cluster integrity key made on node-1",
+        dir,
+        &[
+            "integrity-key",
+            "--token-dir",
+            &td1,
+            "--label",
+            &l1,
+            "--out",
+            &p(INTEGRITY_KEY_FILE),
         ],
     )?;
     for n in 2..=DEMO_NODES {
@@ -253,7 +288,7 @@ fn random_pin() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn shard_dir(dir: &Path, shard: usize) -> PathBuf {
+pub(crate) fn shard_dir(dir: &Path, shard: usize) -> PathBuf {
     dir.join(format!("shard-{shard}"))
 }
 
@@ -261,44 +296,22 @@ fn shard_dir(dir: &Path, shard: usize) -> PathBuf {
 fn wbl_crash_drill(dir: &Path, shards: usize, seconds: f64) -> crate::CmdResult {
     println!("== WBL crash drill: {shards} shard(s), one executor per core, {DRILL_APPENDERS} appenders each, {DRILL_PAYLOAD_BYTES} B records");
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
-    let mut child = Command::new(exe)
-        .args(["demo-wbl-writer", "--dir"])
+    let mut cmd = keyfort_child("demo-wbl-writer")?;
+    cmd.arg("--dir")
         .arg(dir)
-        .args(["--shards", &shards.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawn writer: {e}"))?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let reader = std::thread::spawn(move || {
-        let mut acked = vec![0u64; shards];
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let mut it = line.split_whitespace();
-            if let (Some("ack"), Some(s), Some(l)) = (it.next(), it.next(), it.next()) {
-                if let (Ok(s), Ok(l)) = (s.parse::<usize>(), l.parse::<u64>()) {
-                    acked[s] = acked[s].max(l);
-                }
+        .args(["--shards", &shards.to_string()]);
+    let acked = |highest: &mut Vec<u64>, line: &str| {
+        if let Some((s, l)) = shard_report(line, "ack") {
+            if let Some(a) = highest.get_mut(s) {
+                *a = (*a).max(l);
             }
         }
-        acked
-    });
-    // A kill at a moment the writer cannot anticipate: the drill must not depend on luck.
-    let jitter_ms = u64::from(std::process::id()) % 500;
-    std::thread::sleep(Duration::from_secs_f64(seconds) + Duration::from_millis(jitter_ms));
-    // SAFETY: plain kill(2) on our own child's pid.
-    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    if rc != 0 {
-        return Err(format!(
-            "kill -9 writer: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    let killed_at = Instant::now();
-    let _ = child.wait();
-    let acked = reader.join().expect("ack reader thread");
+    };
+    let run = run_then_kill(cmd, seconds, vec![0u64; shards], acked)?;
+    let (acked, killed_at) = (run.seen, run.killed_at);
     println!(
         "writer SIGKILLed after {:.2} s; reopening every shard's log",
-        seconds + jitter_ms as f64 / 1000.0
+        run.ran_s
     );
 
     let t0 = Instant::now();
@@ -348,6 +361,96 @@ fn wbl_crash_drill(dir: &Path, shards: usize, seconds: f64) -> crate::CmdResult 
     }
 }
 
+/// `keyfort SUBCOMMAND` as a child process of the demo: each card and each writer runs in its
+/// own process, as each node's will, and a writer can be really SIGKILLed.
+pub(crate) fn keyfort_child(subcommand: &str) -> Result<Command, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(subcommand);
+    Ok(cmd)
+}
+
+/// A `TAG SHARD LSN` report line of a writer child.
+pub(crate) fn shard_report(line: &str, tag: &str) -> Option<(usize, u64)> {
+    let mut it = line.split_whitespace();
+    if it.next() != Some(tag) {
+        return None;
+    }
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// A writer child's run until its SIGKILL: what its stdout told and when it was killed.
+pub(crate) struct KilledRun<T> {
+    /// What `on_line` gathered from every stdout line the child wrote before it died.
+    pub seen: T,
+    /// Seconds between the start and the kill.
+    pub ran_s: f64,
+    pub killed_at: Instant,
+}
+
+/// Starts the writer `cmd`, feeds each of its stdout lines to `on_line`, and SIGKILLs it after
+/// `seconds` plus a jitter it cannot anticipate. A writer that exits on its own (its error is on
+/// stderr) fails the drill.
+pub(crate) fn run_then_kill<T: Send + 'static>(
+    mut cmd: Command,
+    seconds: f64,
+    mut seen: T,
+    on_line: fn(&mut T, &str),
+) -> Result<KilledRun<T>, String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn writer: {e}"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            on_line(&mut seen, &line);
+        }
+        seen
+    });
+    // A kill at a moment the writer cannot anticipate: the drill must not depend on luck.
+    let jitter_ms = u64::from(std::process::id()) % 500;
+    let ran = Duration::from_secs_f64(seconds) + Duration::from_millis(jitter_ms);
+    std::thread::sleep(ran);
+    if let Ok(Some(status)) = child.try_wait() {
+        let _ = reader.join();
+        return Err(format!("the writer exited before the kill: {status}"));
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    if rc != 0 {
+        return Err(format!(
+            "kill -9 writer: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let killed_at = Instant::now();
+    let _ = child.wait();
+    let seen = reader.join().expect("report reader thread");
+    Ok(KilledRun {
+        seen,
+        ran_s: ran.as_secs_f64(),
+        killed_at,
+    })
+}
+
+/// Waits for every shard's executor and returns the shards' results in shard order; the first
+/// failure, named by its shard, is the error.
+pub(crate) fn join_shards<T: Send, E: std::fmt::Display + Send>(
+    handles: Vec<glommio::ExecutorJoinHandle<std::io::Result<Result<T, E>>>>,
+) -> Result<Vec<T>, String> {
+    let mut out = Vec::with_capacity(handles.len());
+    for (s, h) in handles.into_iter().enumerate() {
+        let r = h
+            .join()
+            .map_err(|e| format!("shard {s} executor: {e}"))?
+            .map_err(|e| format!("shard {s} executor: {e}"))?
+            .map_err(|e| format!("shard {s}: {e}"))?;
+        out.push(r);
+    }
+    Ok(out)
+}
+
 /// Opens every shard's log on its own executor (as a node's start-up does) and returns the
 /// recovery reports in shard order.
 fn reopen_all(
@@ -365,16 +468,7 @@ fn reopen_all(
         }
     })
     .map_err(|e| format!("executors: {e}"))?;
-    let mut out = Vec::with_capacity(shards);
-    for (s, h) in handles.into_iter().enumerate() {
-        let r = h
-            .join()
-            .map_err(|e| format!("shard {s} executor: {e}"))?
-            .map_err(|e| format!("shard {s} executor: {e}"))?
-            .map_err(|e| format!("shard {s}: {e}"))?;
-        out.push(r);
-    }
-    Ok(out)
+    join_shards(handles)
 }
 
 #[derive(Debug, clap::Args)]
@@ -402,7 +496,7 @@ pub fn writer(args: WriterArgs) -> crate::CmdResult {
 
 /// Pins shard k to core k when there are no more shards than cores (production placement);
 /// otherwise leaves executors unbound.
-fn pin_plan(shards: usize) -> Vec<Option<usize>> {
+pub(crate) fn pin_plan(shards: usize) -> Vec<Option<usize>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (0..shards)
         .map(|s| (shards <= cores).then_some(s))

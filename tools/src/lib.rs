@@ -3,6 +3,7 @@
 
 pub mod card;
 pub mod demo;
+pub mod demo_snapshot;
 pub mod snapshot_cmd;
 pub mod wbl_cmd;
 

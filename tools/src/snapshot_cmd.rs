@@ -50,7 +50,11 @@ pub fn run(cmd: SnapshotCmd) -> crate::CmdResult {
 }
 
 /// Opens a session on the card and loads the cluster integrity key into it.
-fn session(token_dir: &Path, label: &str, integrity_key: &Path) -> Result<CoreSession, String> {
+pub(crate) fn session(
+    token_dir: &Path,
+    label: &str,
+    integrity_key: &Path,
+) -> Result<CoreSession, String> {
     let s = |e: keyfort_hsm::CardError| e.to_string();
     let hsm = open_token_dir(token_dir).map_err(s)?;
     let card = Card::open(hsm, label, Pin::user_from_env().map_err(s)?).map_err(s)?;

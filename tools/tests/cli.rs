@@ -27,7 +27,7 @@ fn corrupt_first_record(segment: &Path) {
 }
 
 #[test]
-fn demo_runs_cards_and_wbl_crash_drill_then_wbl_verify_finds_corruption() {
+fn demo_runs_cards_wbl_and_snapshot_drills_then_wbl_verify_finds_corruption() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("demo");
     let data = data.to_str().expect("utf-8 path");
@@ -45,6 +45,25 @@ fn demo_runs_cards_and_wbl_crash_drill_then_wbl_verify_finds_corruption() {
     assert!(said.contains("the other realm's card is refused"), "{said}");
     assert!(
         said.contains("every acknowledged record is present"),
+        "{said}"
+    );
+    assert!(
+        said.contains("cluster integrity key made on node-1"),
+        "{said}"
+    );
+    // The snapshot drill: one row of 13 columns per shard, and no reported commit lost.
+    let drill = said
+        .split("== snapshot drill: 2 shard(s)")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no snapshot drill:\n{said}"));
+    let rows = drill
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .filter(|l| l.split_whitespace().count() == 13)
+        .count();
+    assert_eq!(rows, 2, "{said}");
+    assert!(
+        said.contains("every reported commit is recovered"),
         "{said}"
     );
 

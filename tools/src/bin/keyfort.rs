@@ -37,6 +37,9 @@ enum Cmd {
     /// The demo's WBL writer child (killed by the demo; not for operators).
     #[command(hide = true)]
     DemoWblWriter(keyfort_tools::demo::WriterArgs),
+    /// The demo's snapshot drill writer child (killed by the demo; not for operators).
+    #[command(hide = true)]
+    DemoShardWriter(keyfort_tools::demo_snapshot::ShardWriterArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Cmd::Snapshot { cmd } => keyfort_tools::snapshot_cmd::run(cmd),
         Cmd::Demo(a) => keyfort_tools::demo::run(a),
         Cmd::DemoWblWriter(a) => keyfort_tools::demo::writer(a),
+        Cmd::DemoShardWriter(a) => keyfort_tools::demo_snapshot::shard_writer(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
