@@ -559,9 +559,11 @@ fn restart(c: &CardSetup, dir: &Path, with_snapshot: bool) -> RestartResult {
             .expect("recover");
             let r = s.local;
             assert!(r.snapshot.is_some(), "recovery used a snapshot");
+            let mut rep = s.wbl_report;
+            rep.elapsed = s.wbl_open_duration;
             (
                 s.wbl,
-                s.wbl_report,
+                rep,
                 r.open_duration.as_secs_f64(),
                 r.replay_duration.as_secs_f64(),
                 r.records_replayed,

@@ -212,7 +212,7 @@ async fn replay_to_commit(
 pub struct Start {
     pub wbl: Wbl,
     pub wbl_report: crate::wbl::RecoveryReport,
-    /// Scanning and verifying the log (`Wbl::open`).
+    /// Scanning and verifying the log (`Wbl::open`), the snapshot verifying meanwhile.
     pub wbl_open_duration: Duration,
     pub local: LocalRecovery,
     pub duration: Duration,
@@ -235,14 +235,16 @@ pub async fn open_and_recover(
         (path, task)
     });
     let opened = Wbl::open(wbl_dir, wbl_opts).await;
+    let wbl_open_duration = t0.elapsed();
+    // From here: waiting for the snapshot verification still running, then the MAC and the
+    // chain check.
+    let t = Instant::now();
     // Always collect the blocking open, even when the log failed to open.
     let pre = match pending {
         Some((path, task)) => Some((path, task.await)),
         None => None,
     };
     let (wbl, wbl_report) = opened?;
-    let wbl_open_duration = wbl_report.elapsed;
-    let t = Instant::now();
     let base = newest_usable_with(snapshot_dir, &wbl, mac, window_lsns, pre)?;
     let open_duration = t.elapsed();
     let local = replay_to_commit(&wbl, base, open_duration).await?;
