@@ -9,7 +9,7 @@
 mod state_common;
 
 use keyfort_engine::compaction::{compact, CompactionConfig, CompactionContext};
-use keyfort_engine::recovery::{recover_local, replay};
+use keyfort_engine::recovery::{newest_usable, recover_local, replay};
 use keyfort_engine::snapshot::{FooterMac, WriteOptions};
 use keyfort_engine::state::{StateMachine, IDEMPOTENCY_WINDOW_LSNS};
 use keyfort_engine::wbl::{HardState, RecordKind, Wbl, WblOptions};
@@ -23,8 +23,11 @@ use std::process::Command;
 use std::time::Duration;
 
 const CHILD_ENV: &str = "KEYFORT_SNAPSHOT_CRASH_CHILD";
+const READY_LINE: &str = "crash-child: compacting";
 const RECORDS: u64 = 3000;
-const STEP: u64 = 150;
+/// Records per compaction: small, so the child spends its life compacting and a kill lands in
+/// one.
+const STEP: u64 = 25;
 /// A child that is never killed stops by itself, so a broken parent cannot leak it for long.
 const CHILD_LIFETIME: Duration = Duration::from_secs(20);
 
@@ -85,16 +88,25 @@ fn crash_child_entry() {
         let root = Path::new(&root);
         keyfort_engine::exec::run_local(root, |_| async move {
             let (wbl, _) = Wbl::open(root.join("wbl"), opts()).await.unwrap();
-            // Continue from where the previous (killed) child got; at the end keep rewriting
-            // the last snapshot, so a kill always lands in some compaction.
+            // Continue from where the previous (killed) child got.
             let snaps = root.join("snap");
-            let r = recover_local(&snaps, &wbl, &SoftMac, IDEMPOTENCY_WINDOW_LSNS)
-                .await
-                .unwrap();
-            let state = RefCell::new(r.state);
+            // The newest usable snapshot only (not replayed to the commit): the child then
+            // steps through the log, compacting every STEP records.
+            let base = newest_usable(&snaps, &wbl, &SoftMac, IDEMPOTENCY_WINDOW_LSNS).unwrap();
+            let state = RefCell::new(base.state);
+            // Tells the parent the child is about to compact (the test harness prints its own
+            // lines on stdout too; the parent looks for this one).
+            println!("{READY_LINE}");
             let started = std::time::Instant::now();
             while started.elapsed() < CHILD_LIFETIME {
                 let mut s = state.replace(StateMachine::new());
+                if s.lsn_applied() >= RECORDS {
+                    // Everything compacted (a second file at the same LSN is refused): wait to
+                    // be killed.
+                    state.replace(s);
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 let target = (s.lsn_applied() + STEP).min(RECORDS);
                 replay(&wbl, &mut s, target).await.unwrap();
                 state.replace(s);
@@ -111,6 +123,10 @@ fn crash_child_entry() {
                 )
                 .await
                 .unwrap();
+                eprintln!(
+                    "crash-child: snapshot at lsn {target} ({:?})",
+                    started.elapsed()
+                );
             }
         })
         .unwrap();
@@ -151,11 +167,26 @@ fn sigkill_during_compaction_never_loses_the_committed_state() {
     let mut rng = rand::thread_rng();
     for i in 0..8 {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["crash_child_entry", "--exact", "--test-threads=1"])
+            .args([
+                "crash_child_entry",
+                "--exact",
+                "--test-threads=1",
+                "--nocapture",
+            ])
             .env(CHILD_ENV, root)
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(20..200)));
+        // Kill only once the child compacts (its start-up time varies, a debug build's a lot),
+        // at a random moment of its compactions.
+        let out = child.stdout.take().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+        assert!(
+            lines.any(|l| l.is_ok_and(|l| l.ends_with(READY_LINE))),
+            "the child ended before compacting"
+        );
+        std::thread::spawn(move || lines.for_each(drop));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..150)));
         assert!(
             child.try_wait().unwrap().is_none(),
             "the child failed on its own"

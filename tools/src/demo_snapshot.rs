@@ -20,7 +20,7 @@ use keyfort_engine::compaction::{
     compact, compaction_due, CompactionConfig, CompactionContext, COMPACTION_RECORDS_THRESHOLD,
 };
 use keyfort_engine::exec::{self, Queues};
-use keyfort_engine::recovery::recover_local;
+use keyfort_engine::recovery::open_and_recover;
 use keyfort_engine::state::{
     IdempotencyId, KeyPut, KeyState, Op, PutOp, StateMachine, IDEMPOTENCY_WINDOW_LSNS,
 };
@@ -292,15 +292,21 @@ async fn recover_shard(sdir: &Path, card: &DrillCard) -> Result<Recovered, Strin
     let t = Instant::now();
     let mac = card.session()?;
     let card_open = t.elapsed();
-    let (wbl, _) = Wbl::open(sdir.join("wbl"), WblOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let wbl_open = t.elapsed() - card_open;
-    let r = recover_local(&sdir.join("snapshots"), &wbl, &mac, IDEMPOTENCY_WINDOW_LSNS)
-        .await
-        .map_err(|e| e.to_string())?;
+    // The node's start path: the newest snapshot verifies on the blocking pool while the log
+    // is scanned; "snapshot" below is what remained after the scan (wait, MAC, chain check).
+    let start = open_and_recover(
+        &sdir.join("snapshots"),
+        &sdir.join("wbl"),
+        WblOptions::default(),
+        &mac,
+        IDEMPOTENCY_WINDOW_LSNS,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let wbl_open = start.wbl_open_duration;
+    let r = start.local;
     let total = t.elapsed();
-    wbl.close().await.map_err(|e| e.to_string())?;
+    start.wbl.close().await.map_err(|e| e.to_string())?;
     Ok(Recovered {
         lsn_applied: r.state.lsn_applied(),
         snapshot: r.snapshot.is_some().then_some(r.lsn_snapshot),

@@ -85,6 +85,17 @@ pub async fn compact(
     cfg: &CompactionConfig,
 ) -> Result<CompactionReport, RecoveryError> {
     let t = Instant::now();
+    {
+        let s = state.borrow();
+        let base = s.base().map_or(0, |b| b.lsn());
+        if base > 0 && s.lsn_applied() == base {
+            // A second file at the same LSN would replace the newest and leave no distinct
+            // fallback, while the release below it would drop the log the previous one needs.
+            return Err(RecoveryError::Invalid(format!(
+                "nothing to compact: the newest snapshot is already at the applied lsn {base}"
+            )));
+        }
+    }
     let frozen = state.borrow_mut().freeze()?;
     let lsn = frozen.lsn();
     let lsn_previous = state.borrow().base().map_or(0, |b| b.lsn());
