@@ -22,6 +22,9 @@ pub const BACKGROUND_SHARES: usize = 100;
 pub const IO_PROBE_FILE: &str = "io-probe";
 /// Threads of each executor's blocking pool (snapshot writes and verifying opens), unpinned.
 pub const BLOCKING_THREADS: usize = 1;
+/// Nice value of background work on the blocking pool (snapshot merges, writes, verifying
+/// opens, unlinks): under CPU contention the kernel runs the executors first.
+pub const BACKGROUND_NICE: i32 = 10;
 /// DMA memory registered per executor by default.
 pub const IO_MEMORY_DEFAULT: usize = 10 << 20;
 
@@ -187,4 +190,14 @@ where
         let q = make_queues();
         Ok(f(q).await)
     })
+}
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`]. Background work on the
+/// blocking pool calls it first; it is idempotent and advisory (a failure changes nothing).
+pub fn background_priority() {
+    // SAFETY: gettid and setpriority on the calling thread only; no memory is passed.
+    unsafe {
+        let tid = libc::gettid();
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
+    }
 }

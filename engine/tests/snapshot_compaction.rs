@@ -44,6 +44,7 @@ fn cfg() -> CompactionConfig {
     CompactionConfig {
         write: WriteOptions {
             block_bytes_target: 2048,
+            ..WriteOptions::default()
         },
         ..CompactionConfig::default()
     }

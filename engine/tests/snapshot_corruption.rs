@@ -35,6 +35,7 @@ fn sample(dir: &Path, card: &keyfort_hsm::CoreSession) -> PathBuf {
     };
     let opts = WriteOptions {
         block_bytes_target: 300,
+        ..WriteOptions::default()
     };
     snapshot::write_with(dir, &s, &meta, card, &opts).unwrap()
 }

@@ -77,6 +77,7 @@ fn cfg() -> CompactionConfig {
     CompactionConfig {
         write: WriteOptions {
             block_bytes_target: 512,
+            ..WriteOptions::default()
         },
         ..CompactionConfig::default()
     }

@@ -15,6 +15,7 @@ type Log = Vec<(RecordKind, Vec<u8>)>;
 fn small_blocks() -> WriteOptions {
     WriteOptions {
         block_bytes_target: 400,
+        ..WriteOptions::default()
     }
 }
 

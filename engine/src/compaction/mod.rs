@@ -124,7 +124,10 @@ pub async fn compact(
     };
     let d = dir.to_path_buf();
     let snapshots_removed = glommio::executor()
-        .spawn_blocking(move || remove_old(&d))
+        .spawn_blocking(move || {
+            crate::exec::background_priority();
+            remove_old(&d)
+        })
         .await?;
     tracing::info!(
         file = %path.display(),
@@ -174,7 +177,10 @@ async fn write_and_open(
     let t = Instant::now();
     let (d, opts) = (dir.to_path_buf(), cfg.write.clone());
     let pending = ex
-        .spawn_blocking(move || snapshot::begin(&d, &frozen.view(), &meta, &opts))
+        .spawn_blocking(move || {
+            crate::exec::background_priority();
+            snapshot::begin(&d, &frozen.view(), &meta, &opts)
+        })
         .await?;
     let tag = mac
         .mac(pending.footer_body())
@@ -182,11 +188,19 @@ async fn write_and_open(
             file: dir.to_path_buf(),
             reason: e.to_string(),
         })?;
-    let path = ex.spawn_blocking(move || pending.finish(&tag)).await?;
+    let path = ex
+        .spawn_blocking(move || {
+            crate::exec::background_priority();
+            pending.finish(&tag)
+        })
+        .await?;
     let write_duration = t.elapsed();
     let t = Instant::now();
     let mut snap = ex
-        .spawn_blocking(move || Snapshot::open_without_mac(&path))
+        .spawn_blocking(move || {
+            crate::exec::background_priority();
+            Snapshot::open_without_mac(&path)
+        })
         .await?;
     snap.verify_mac(mac)?;
     Ok((snap, write_duration, t.elapsed()))

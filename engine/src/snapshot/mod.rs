@@ -116,12 +116,19 @@ pub struct SnapshotMeta {
 pub struct WriteOptions {
     /// A data block is closed once it holds at least this many bytes.
     pub block_bytes_target: usize,
+    /// Most bytes per second the writer puts on the disk (`None`: no limit), so the log's
+    /// synchronous writes do not queue behind a snapshot's.
+    pub max_bytes_per_s: Option<u64>,
 }
+
+/// Default write rate of snapshot files: a 267 MB file (1M keys) takes ~2 s.
+pub const WRITE_BYTES_PER_S_DEFAULT: u64 = 128 << 20;
 
 impl Default for WriteOptions {
     fn default() -> Self {
         WriteOptions {
             block_bytes_target: BLOCK_BYTES_TARGET,
+            max_bytes_per_s: Some(WRITE_BYTES_PER_S_DEFAULT),
         }
     }
 }
@@ -299,6 +306,7 @@ fn write_body(
     let mut block = format::BlockBuilder::default();
     let mut key_count = 0u64;
     let mut synced = 0u64;
+    let started = std::time::Instant::now();
     view.for_each_encoded(|slot, e| {
         key_count += 1;
         block.push(slot, e);
@@ -308,6 +316,12 @@ fn write_body(
             if at - synced >= WRITEBACK_BYTES {
                 start_writeback(w.get_mut(), synced, at).map_err(io)?;
                 synced = at;
+                if let Some(rate) = opts.max_bytes_per_s.filter(|r| *r > 0) {
+                    let due = std::time::Duration::from_secs_f64(at as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
             }
         }
         Ok(())

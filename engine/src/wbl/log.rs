@@ -612,6 +612,7 @@ impl Wbl {
         let ops = moves.clone();
         glommio::executor()
             .spawn_blocking(move || -> Result<(), WblError> {
+                crate::exec::background_priority();
                 for (path, free) in &ops {
                     match free {
                         Some(free) => std::fs::rename(path, free),
