@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded defaults (README's first command). Today: provisions SoftHSM cards
 # with the ceremony, shares a partition across them, creates and uses masked keys, appends through
-# the WBL on every core, SIGKILLs the writer, reopens and prints what recovery found and took.
+# the WBL on every core, SIGKILLs the writer, reopens and prints what recovery found and took;
+# then the snapshot drill: shards applying masked-key records with rolling card-MACed snapshots
+# are SIGKILLed and recover from their newest verified snapshot plus the log, timed per phase.
 # Later issues grow it into a 3-node cluster and a disaster-recovery drill.
 set -euo pipefail
 cd "$(dirname "$0")/.."
