@@ -1,1 +1,5 @@
-//! keyfort-net
+//! keyfort-net: the frame codec shared by the client and peer protocols (docs/format.md §5).
+//! The protocols, the server, the client library and the peer transport come with the
+//! replication and service issues.
+
+pub mod frame;
