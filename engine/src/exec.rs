@@ -192,12 +192,21 @@ where
     })
 }
 
-/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`]. Background work on the
-/// blocking pool calls it first; it is idempotent and advisory (a failure changes nothing).
-pub fn background_priority() {
-    // SAFETY: gettid and setpriority on the calling thread only; no memory is passed.
-    unsafe {
-        let tid = libc::gettid();
-        let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
-    }
+/// Runs `f` on this executor's blocking pool at background priority ([`BACKGROUND_NICE`]):
+/// the home of snapshot merges, writes, verifying opens and unlinks, which must not take the
+/// core from the foreground.
+pub fn spawn_background_blocking<F, R>(f: F) -> impl Future<Output = R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    executor().spawn_blocking(move || {
+        // SAFETY: gettid and setpriority on the calling thread only; no memory is passed.
+        // Advisory: a failure changes nothing.
+        unsafe {
+            let tid = libc::gettid();
+            let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
+        }
+        f()
+    })
 }

@@ -5,6 +5,7 @@
 //! op) and the swap run on the executor. The WBL is then released only below the *previous*
 //! snapshot's LSN, so a bad newest snapshot can still fall back to the previous one plus the log.
 
+use crate::exec::spawn_background_blocking;
 use crate::recovery::RecoveryError;
 use crate::snapshot::{self, FooterMac, Snapshot, SnapshotError, SnapshotMeta, WriteOptions};
 use crate::state::StateMachine;
@@ -85,20 +86,17 @@ pub async fn compact(
     cfg: &CompactionConfig,
 ) -> Result<CompactionReport, RecoveryError> {
     let t = Instant::now();
-    {
-        let s = state.borrow();
-        let base = s.base().map_or(0, |b| b.lsn());
-        if base > 0 && s.lsn_applied() == base {
-            // A second file at the same LSN would replace the newest and leave no distinct
-            // fallback, while the release below it would drop the log the previous one needs.
-            return Err(RecoveryError::Invalid(format!(
-                "nothing to compact: the newest snapshot is already at the applied lsn {base}"
-            )));
-        }
+    // LSN of the snapshot compacted from (0: the empty state).
+    let lsn_previous = state.borrow().base().map_or(0, |b| b.lsn());
+    if lsn_previous > 0 && state.borrow().lsn_applied() == lsn_previous {
+        // A second file at the same LSN would replace the newest and leave no distinct
+        // fallback, while the release below it would drop the log the previous one needs.
+        return Err(RecoveryError::Invalid(format!(
+            "nothing to compact: the newest snapshot is already at the applied lsn {lsn_previous}"
+        )));
     }
     let frozen = state.borrow_mut().freeze()?;
     let lsn = frozen.lsn();
-    let lsn_previous = state.borrow().base().map_or(0, |b| b.lsn());
     let memtable_key_versions = frozen.memtable_key_versions() as u64;
     let retain_from = ctx.retain_from.unwrap_or(u64::MAX);
     let result = write_and_open(dir, frozen, wbl, ctx, mac, cfg).await;
@@ -123,12 +121,7 @@ pub async fn compact(
         wbl.first_lsn()
     };
     let d = dir.to_path_buf();
-    let snapshots_removed = glommio::executor()
-        .spawn_blocking(move || {
-            crate::exec::background_priority();
-            remove_old(&d)
-        })
-        .await?;
+    let snapshots_removed = spawn_background_blocking(move || remove_old(&d)).await?;
     tracing::info!(
         file = %path.display(),
         lsn,
@@ -173,35 +166,21 @@ async fn write_and_open(
         voters: ctx.voters,
         learners: ctx.learners,
     };
-    let ex = glommio::executor();
     let t = Instant::now();
     let (d, opts) = (dir.to_path_buf(), cfg.write.clone());
-    let pending = ex
-        .spawn_blocking(move || {
-            crate::exec::background_priority();
-            snapshot::begin(&d, &frozen.view(), &meta, &opts)
-        })
-        .await?;
+    let pending =
+        spawn_background_blocking(move || snapshot::begin(&d, &frozen.view(), &meta, &opts))
+            .await?;
     let tag = mac
         .mac(pending.footer_body())
         .map_err(|e| SnapshotError::Card {
             file: dir.to_path_buf(),
             reason: e.to_string(),
         })?;
-    let path = ex
-        .spawn_blocking(move || {
-            crate::exec::background_priority();
-            pending.finish(&tag)
-        })
-        .await?;
+    let path = spawn_background_blocking(move || pending.finish(&tag)).await?;
     let write_duration = t.elapsed();
     let t = Instant::now();
-    let mut snap = ex
-        .spawn_blocking(move || {
-            crate::exec::background_priority();
-            Snapshot::open_without_mac(&path)
-        })
-        .await?;
+    let mut snap = spawn_background_blocking(move || Snapshot::open_without_mac(&path)).await?;
     snap.verify_mac(mac)?;
     Ok((snap, write_duration, t.elapsed()))
 }

@@ -440,14 +440,15 @@ pub(crate) fn check_block<'b>(
     Ok(body)
 }
 
-/// The encoded key entries of a checked block body, in order, without decoding them. A length
-/// running past the body is corruption (a block can only get here with a good crc, so that
-/// takes a deliberate edit).
+/// The key entries of a checked block body, in order, each with its slot read from its bytes
+/// (`KeyEntry::slot_of`) and not decoded further. A length running past the body, or an entry
+/// too short for a slot, is corruption (a block can only get here with a good crc, so that takes
+/// a deliberate edit).
 pub(crate) fn block_entries<'b>(
     path: &'b Path,
     entry: &'b BlockIndexEntry,
     body: &'b [u8],
-) -> impl Iterator<Item = Result<&'b [u8], SnapshotError>> + 'b {
+) -> impl Iterator<Item = Result<(KeySlot, &'b [u8]), SnapshotError>> + 'b {
     let mut at = 4usize;
     let mut left = entry.entries;
     std::iter::from_fn(move || {
@@ -455,18 +456,23 @@ pub(crate) fn block_entries<'b>(
             return None;
         }
         left -= 1;
-        let bad = || SnapshotError::corrupt(path, entry.offset, "entry runs past its block");
-        let Some(len) = body.get(at..at + 2) else {
+        let bad = |what: &str| SnapshotError::corrupt(path, entry.offset, what);
+        let e = body
+            .get(at..at + 2)
+            .map(|len| 2 + u16::from_le_bytes([len[0], len[1]]) as usize)
+            .and_then(|n| body.get(at + 2..at + n));
+        let Some(e) = e else {
             left = 0;
-            return Some(Err(bad()));
+            return Some(Err(bad("entry runs past its block")));
         };
-        let len = u16::from_le_bytes([len[0], len[1]]) as usize;
-        let Some(e) = body.get(at + 2..at + 2 + len) else {
-            left = 0;
-            return Some(Err(bad()));
-        };
-        at += 2 + len;
-        Some(Ok(e))
+        at += 2 + e.len();
+        match KeyEntry::slot_of(e) {
+            Some(slot) => Some(Ok((slot, e))),
+            None => {
+                left = 0;
+                Some(Err(bad("short key entry")))
+            }
+        }
     })
 }
 
@@ -503,12 +509,8 @@ impl<'a, R: Read> SectionReader<'a, R> {
 
     /// Reads `n` bytes of the section region, never past `limit`.
     fn read(&mut self, n: usize, limit: u64, what: &str) -> Result<Vec<u8>, SnapshotError> {
-        if self.pos + n as u64 > limit {
-            return Err(self.corrupt(self.pos, format!("{what} runs past offset {limit}")));
-        }
-        let mut buf = vec![0u8; n];
-        read_exact_or_corrupt(self.path, &mut self.r, &mut buf, self.pos, what)?;
-        self.pos += n as u64;
+        let mut buf = Vec::new();
+        self.read_into(&mut buf, n, limit, what)?;
         Ok(buf)
     }
 

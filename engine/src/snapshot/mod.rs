@@ -384,6 +384,8 @@ pub struct Snapshot {
     path: PathBuf,
     file: File,
     footer: Footer,
+    /// The footer body and MAC as read: what `verify_mac` checks.
+    footer_mac_input: (Vec<u8>, [u8; MAC_LEN]),
     mac_checked: bool,
     file_bytes: u64,
     contents: Contents,
@@ -413,10 +415,11 @@ impl Snapshot {
         Self::open_inner(path, None)
     }
 
-    /// Checks the footer MAC of a file opened without it.
+    /// Checks the footer MAC of a file opened without it (over the footer bytes the open read:
+    /// no I/O, so it can run on the card's core).
     pub fn verify_mac(&mut self, mac: &dyn FooterMac) -> Result<(), SnapshotError> {
-        let (_, body, tag) = format::read_footer(&self.path, &self.file, self.file_bytes)?;
-        mac.verify(&body, &tag)
+        let (body, tag) = &self.footer_mac_input;
+        mac.verify(body, tag)
             .map_err(|e| SnapshotError::card(&self.path, e))?;
         self.mac_checked = true;
         Ok(())
@@ -433,8 +436,9 @@ impl Snapshot {
         // SAFETY: posix_fadvise on an fd this function owns; no memory is passed.
         let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
         let (footer, body, tag) = format::read_footer(path, &file, file_bytes)?;
+        let footer_mac_input = (body, tag);
         if let Some(m) = mac {
-            m.verify(&body, &tag)
+            m.verify(&footer_mac_input.0, &footer_mac_input.1)
                 .map_err(|e| SnapshotError::card(path, e))?;
         }
         file.seek(SeekFrom::Start(0))
@@ -445,6 +449,7 @@ impl Snapshot {
             path: path.to_path_buf(),
             file,
             footer,
+            footer_mac_input,
             mac_checked: mac.is_some(),
             file_bytes,
             contents,
@@ -493,7 +498,7 @@ impl Snapshot {
     pub fn get(&self, slot: KeySlot) -> Result<Option<KeyEntry>, SnapshotError> {
         let mut found = None;
         self.scan(slot, slot, &mut |e| {
-            found = Some(e.clone());
+            found = Some(e);
             false
         })?;
         Ok(found)
@@ -505,25 +510,24 @@ impl Snapshot {
         &self,
         lo: KeySlot,
         hi: KeySlot,
-        f: &mut dyn FnMut(&KeyEntry) -> bool,
+        f: &mut dyn FnMut(KeyEntry) -> bool,
     ) -> Result<(), SnapshotError> {
         let index = &self.contents.index;
         let mut i = index.partition_point(|b| b.first <= lo).saturating_sub(1);
         while i < index.len() && index[i].first <= hi {
             let entry = &index[i];
             let body = self.block(i)?;
-            for b in format::block_entries(&self.path, entry, &body) {
-                let b = b?;
-                let corrupt = |what: String| SnapshotError::corrupt(&self.path, entry.offset, what);
-                let slot = KeyEntry::slot_of(b).ok_or_else(|| corrupt("short key entry".into()))?;
+            for r in format::block_entries(&self.path, entry, &body) {
+                let (slot, b) = r?;
                 if slot < lo {
                     continue;
                 }
                 if slot > hi {
                     return Ok(());
                 }
-                let e = KeyEntry::decode(b).map_err(|e| corrupt(e.to_string()))?;
-                if !f(&e) {
+                let e = KeyEntry::decode(b)
+                    .map_err(|e| SnapshotError::corrupt(&self.path, entry.offset, e.to_string()))?;
+                if !f(e) {
                     return Ok(());
                 }
             }
@@ -537,14 +541,21 @@ impl Snapshot {
         if let Some(b) = self.cache.lock().expect("block cache").get(i) {
             return Ok(b);
         }
+        let body: Arc<[u8]> = self.read_block(i)?.into();
+        self.cache.lock().expect("block cache").put(i, body.clone());
+        Ok(body)
+    }
+
+    /// Reads data block `i` with `pread` and checks it; returns its body (without the crc).
+    fn read_block(&self, i: usize) -> Result<Vec<u8>, SnapshotError> {
         let entry = &self.contents.index[i];
         let mut buf = vec![0u8; entry.len as usize];
         self.file
             .read_exact_at(&mut buf, entry.offset)
             .map_err(|e| SnapshotError::io(&self.path, e))?;
-        let body: Arc<[u8]> = format::check_block(&self.path, entry, &buf)?.into();
-        self.cache.lock().expect("block cache").put(i, body.clone());
-        Ok(body)
+        let body_len = format::check_block(&self.path, entry, &buf)?.len();
+        buf.truncate(body_len);
+        Ok(buf)
     }
 
     /// Reads and checks data block `i`, bypassing the cache, and calls `f` with the slot and
@@ -554,17 +565,9 @@ impl Snapshot {
         i: usize,
         f: &mut EntryVisitor<'_>,
     ) -> Result<(), SnapshotError> {
-        let entry = &self.contents.index[i];
-        let mut buf = vec![0u8; entry.len as usize];
-        self.file
-            .read_exact_at(&mut buf, entry.offset)
-            .map_err(|e| SnapshotError::io(&self.path, e))?;
-        let body = format::check_block(&self.path, entry, &buf)?;
-        for b in format::block_entries(&self.path, entry, body) {
-            let b = b?;
-            let slot = KeyEntry::slot_of(b).ok_or_else(|| {
-                SnapshotError::corrupt(&self.path, entry.offset, "short key entry")
-            })?;
+        let body = self.read_block(i)?;
+        for r in format::block_entries(&self.path, &self.contents.index[i], &body) {
+            let (slot, b) = r?;
             f(slot, b)?;
         }
         Ok(())

@@ -544,7 +544,7 @@ impl StateMachine {
         let mut out: BTreeMap<u32, KeyEntry> = BTreeMap::new();
         if let Some(b) = &self.base {
             b.scan(lo, hi, &mut |e| {
-                out.insert(e.header.version, e.clone());
+                out.insert(e.header.version, e);
                 true
             })?;
         }

@@ -609,20 +609,18 @@ impl Wbl {
             return Ok(self.first_lsn());
         }
         let dir = self.inner.dir.clone();
-        let ops = moves.clone();
-        glommio::executor()
-            .spawn_blocking(move || -> Result<(), WblError> {
-                crate::exec::background_priority();
-                for (path, free) in &ops {
-                    match free {
-                        Some(free) => std::fs::rename(path, free),
-                        None => std::fs::remove_file(path),
-                    }
-                    .map_err(|e| WblError::io(path, e))?;
+        let moves = crate::exec::spawn_background_blocking(move || -> Result<_, WblError> {
+            for (path, free) in &moves {
+                match free {
+                    Some(free) => std::fs::rename(path, free),
+                    None => std::fs::remove_file(path),
                 }
-                sync_dir(&dir).map_err(|e| WblError::io(&dir, e))
-            })
-            .await?;
+                .map_err(|e| WblError::io(path, e))?;
+            }
+            sync_dir(&dir).map_err(|e| WblError::io(&dir, e))?;
+            Ok(moves)
+        })
+        .await?;
         let mut st = self.inner.st.borrow_mut();
         st.free
             .extend(moves.into_iter().filter_map(|(_, free)| free));
