@@ -12,7 +12,6 @@ use glommio::{
 };
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// Shares of the foreground queue (client requests, raft, WBL writer).
 pub const FOREGROUND_SHARES: usize = 1000;
@@ -74,11 +73,18 @@ impl ExecConfig {
 }
 
 /// Creates the two task queues on the current executor.
+///
+/// Both queues are `Latency::NotImportant`; the foreground's priority comes from its shares
+/// alone. glommio 0.9.0 loses a wakeup with a `Latency::Matters` queue: a direct write issued
+/// from such a queue (the WBL writer) now and then never resumes, and the executor sleeps with
+/// nothing in flight. It showed as 11 stalls in 300 runs of `exec_executors` with
+/// `Latency::Matters(1 ms)` and none in 300 without (see docs/operations.md,
+/// "Executor stalls"). Re-enable only with that test looping clean.
 pub fn make_queues() -> Queues {
     let ex = executor();
     let foreground = ex.create_task_queue(
         Shares::Static(FOREGROUND_SHARES),
-        Latency::Matters(Duration::from_millis(1)),
+        Latency::NotImportant,
         "foreground",
     );
     let background = ex.create_task_queue(
