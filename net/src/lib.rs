@@ -3,3 +3,4 @@
 //! replication and service issues.
 
 pub mod frame;
+pub mod peer;
