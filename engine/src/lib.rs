@@ -3,6 +3,7 @@
 
 pub mod compaction;
 pub mod exec;
+pub mod raft;
 pub mod recovery;
 pub mod snapshot;
 pub mod state;

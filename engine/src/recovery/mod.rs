@@ -4,7 +4,7 @@
 
 use crate::snapshot::{self, FooterMac, Snapshot, SnapshotError};
 use crate::state::StateMachine;
-use crate::wbl::{Wbl, WblError, WblOptions};
+use crate::wbl::{RecordKind, Wbl, WblError, WblOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,6 +124,20 @@ fn newest_usable_with(
 /// The log re-verifies every record (crc, and chain against its index, whose chain at the base
 /// LSN the caller compared with the snapshot footer), so the replayed chain continues it.
 pub async fn replay(wbl: &Wbl, state: &mut StateMachine, to: u64) -> Result<u64, RecoveryError> {
+    replay_collecting(wbl, state, to, &mut Vec::new()).await
+}
+
+/// A membership change met while replaying: its LSN, kind (`RaftConfChange` or
+/// `RaftConfChangeV2`) and payload, for the raft layer to rebuild the membership.
+pub type ConfRecord = (u64, RecordKind, Vec<u8>);
+
+/// [`replay`], also collecting the membership changes it passes.
+pub async fn replay_collecting(
+    wbl: &Wbl,
+    state: &mut StateMachine,
+    to: u64,
+    conf: &mut Vec<ConfRecord>,
+) -> Result<u64, RecoveryError> {
     let mut n = 0;
     let mut reader = wbl.reader(state.lsn_applied() + 1);
     while state.lsn_applied() < to {
@@ -135,6 +149,12 @@ pub async fn replay(wbl: &Wbl, state: &mut StateMachine, to: u64) -> Result<u64,
         };
         let r = r?;
         state.apply(r.lsn, r.kind, &r.payload)?;
+        if matches!(
+            r.kind,
+            RecordKind::RaftConfChange | RecordKind::RaftConfChangeV2
+        ) {
+            conf.push((r.lsn, r.kind, r.payload));
+        }
         n += 1;
         if n % APPLY_YIELD_RECORDS == 0 {
             glommio::yield_if_needed().await;
@@ -151,6 +171,13 @@ pub struct LocalRecovery {
     pub snapshot: Option<PathBuf>,
     pub skipped: Vec<Skipped>,
     pub lsn_snapshot: u64,
+    /// The raft term at `lsn_snapshot` (0 without a snapshot).
+    pub snapshot_term: u64,
+    /// The membership in the snapshot footer (empty without a snapshot).
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Membership changes replayed after the snapshot, in log order.
+    pub conf_changes: Vec<ConfRecord>,
     pub records_replayed: u64,
     /// Finding, verifying and loading the snapshot.
     pub open_duration: Duration,
@@ -180,7 +207,8 @@ async fn replay_to_commit(
     let lsn_snapshot = state.lsn_applied();
     let commit = wbl.hard_state().commit;
     let t = Instant::now();
-    let records_replayed = replay(wbl, &mut state, commit).await?;
+    let mut conf_changes = Vec::new();
+    let records_replayed = replay_collecting(wbl, &mut state, commit, &mut conf_changes).await?;
     let replay_duration = t.elapsed();
     let snapshot = base.snapshot;
     tracing::info!(
@@ -196,9 +224,20 @@ async fn replay_to_commit(
         replay_ms = replay_duration.as_secs_f64() * 1e3,
         "local recovery"
     );
+    let (snapshot_term, voters, learners) = match state.base() {
+        Some(b) => {
+            let f = b.footer();
+            (f.term, f.voters.clone(), f.learners.clone())
+        }
+        None => (0, Vec::new(), Vec::new()),
+    };
     Ok(LocalRecovery {
         state,
         snapshot,
+        snapshot_term,
+        voters,
+        learners,
+        conf_changes,
         skipped: base.skipped,
         lsn_snapshot,
         records_replayed,

@@ -1,0 +1,422 @@
+//! A shard replica on its executor: the [`ShardCore`] over the WBL, driven by a ticker, the
+//! peers' messages and the WBL writer's completions, with proposals and reads that resolve
+//! when applied.
+
+use super::core::{CoreError, Event, ProposeError, ShardCore};
+use super::wbl_store::WblStore;
+use crate::state::ApplyResult;
+use crate::wbl::RecordKind;
+use raft::eraftpb::{ConfChangeV2, ConfState, Message};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+/// Interval of the raft logical clock: elections after 10–20 ticks, heartbeats every 2.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Most proposals of one replica waiting for their apply.
+pub const MAX_PENDING_PROPOSALS: usize = 65536;
+/// Most reads of one replica waiting for their read index.
+pub const MAX_PENDING_READS: usize = 65536;
+
+/// Where a replica's outgoing raft messages go (the peer transport, or a test network).
+pub trait Transport {
+    /// Sends messages of `shard` to the peers named in their `to`; best effort (raft
+    /// retransmits).
+    fn send(&self, shard: u32, msgs: Vec<Message>);
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+    #[error("the entry was replaced by another leader's: the proposal did not commit")]
+    Lost,
+    #[error("too many requests waiting ({max})")]
+    Busy { max: usize },
+    #[error("the replica stopped: {0}")]
+    Stopped(String),
+}
+
+/// What an applied proposal produced.
+#[derive(Clone, Debug)]
+pub enum Applied {
+    Record(ApplyResult),
+    Conf(ConfState),
+}
+
+struct SlotInner<T> {
+    value: Option<T>,
+    waker: Option<Waker>,
+}
+
+/// A one-shot value a task waits for.
+struct Slot<T>(Rc<RefCell<SlotInner<T>>>);
+
+impl<T> Clone for Slot<T> {
+    fn clone(&self) -> Self {
+        Slot(self.0.clone())
+    }
+}
+
+impl<T> Slot<T> {
+    fn new() -> Slot<T> {
+        Slot(Rc::new(RefCell::new(SlotInner {
+            value: None,
+            waker: None,
+        })))
+    }
+
+    fn set(&self, v: T) {
+        let mut s = self.0.borrow_mut();
+        s.value = Some(v);
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+impl<T> Future for Slot<T> {
+    type Output = T;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let mut s = self.0.borrow_mut();
+        match s.value.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+type ProposalSlot = Slot<Result<Applied, ReplicaError>>;
+type ReadSlot = Slot<Result<u64, ReplicaError>>;
+
+pub struct Replica {
+    core: RefCell<ShardCore<WblStore>>,
+    transport: Rc<dyn Transport>,
+    persisting: Cell<bool>,
+    /// By index: the term the proposal was given and its slot.
+    proposals: RefCell<BTreeMap<u64, (u64, ProposalSlot)>>,
+    reads: RefCell<BTreeMap<Vec<u8>, ReadSlot>>,
+    /// Reads whose index is known, waiting for the applied index to reach it.
+    read_waits: RefCell<Vec<(u64, ReadSlot)>>,
+    read_seq: Cell<u64>,
+    failed: RefCell<Option<String>>,
+    events: RefCell<Vec<Event>>,
+    keep_events: bool,
+}
+
+impl Replica {
+    /// `keep_events` keeps every event for [`Replica::take_events`] (tests, tools).
+    pub fn new(
+        core: ShardCore<WblStore>,
+        transport: Rc<dyn Transport>,
+        keep_events: bool,
+    ) -> Rc<Replica> {
+        Rc::new(Replica {
+            core: RefCell::new(core),
+            transport,
+            persisting: Cell::new(false),
+            proposals: RefCell::new(BTreeMap::new()),
+            reads: RefCell::new(BTreeMap::new()),
+            read_waits: RefCell::new(Vec::new()),
+            read_seq: Cell::new(0),
+            failed: RefCell::new(None),
+            events: RefCell::new(Vec::new()),
+            keep_events,
+        })
+    }
+
+    /// The replica of shard `shard` with raft id `id` on a log and state just recovered
+    /// (`recovery::open_and_recover`); `bootstrap` is the membership `cluster init` gave.
+    pub async fn open(
+        id: u64,
+        shard: u32,
+        start: crate::recovery::Start,
+        bootstrap: &ConfState,
+        transport: Rc<dyn Transport>,
+        keep_events: bool,
+    ) -> Result<Rc<Replica>, CoreError> {
+        let local = start.local;
+        let cs = super::conf::membership_at_commit(&local, bootstrap)?;
+        let store =
+            WblStore::open(start.wbl, (local.lsn_snapshot, local.snapshot_term), cs).await?;
+        let cfg = super::core::CoreConfig {
+            id,
+            shard,
+            applied: local.state.lsn_applied(),
+            fixed_election_timeout: false,
+        };
+        let core = ShardCore::new(&cfg, store, local.state)?;
+        Ok(Replica::new(core, transport, keep_events))
+    }
+
+    /// Stops the replica (waiters get `Stopped`) and closes its log.
+    pub async fn close(&self) -> Result<(), crate::wbl::WblError> {
+        self.fail(&"closed");
+        let wbl = self.core.borrow().store().wbl().clone();
+        wbl.close().await
+    }
+
+    /// Read access to the core (status, state machine).
+    pub fn with_core<R>(&self, f: impl FnOnce(&ShardCore<WblStore>) -> R) -> R {
+        f(&self.core.borrow())
+    }
+
+    pub fn take_events(&self) -> Vec<Event> {
+        std::mem::take(&mut self.events.borrow_mut())
+    }
+
+    pub fn failed(&self) -> Option<String> {
+        self.failed.borrow().clone()
+    }
+
+    /// A message from a peer.
+    pub fn step(self: &Rc<Self>, m: Message) {
+        // raft refuses stale and foreign messages itself; those errors are not failures.
+        let _ = self.core.borrow_mut().step(m);
+        self.pump();
+    }
+
+    /// One tick of the raft clock.
+    pub fn tick(self: &Rc<Self>) {
+        self.core.borrow_mut().tick();
+        self.pump();
+    }
+
+    pub fn campaign(self: &Rc<Self>) -> Result<(), ReplicaError> {
+        self.core
+            .borrow_mut()
+            .campaign()
+            .map_err(|e| ReplicaError::Stopped(e.to_string()))?;
+        self.pump();
+        Ok(())
+    }
+
+    /// Ticks every [`TICK`] until the replica stops.
+    pub async fn run_ticker(self: Rc<Self>, interval: Duration) {
+        while self.failed().is_none() {
+            glommio::timer::sleep(interval).await;
+            self.tick();
+        }
+    }
+
+    /// Proposes a state-machine record on the leader and waits until it is applied here.
+    pub async fn propose(
+        self: &Rc<Self>,
+        kind: RecordKind,
+        payload: &[u8],
+    ) -> Result<ApplyResult, ReplicaError> {
+        let r = self.submit(|c| c.propose(kind, payload))?.await?;
+        match r {
+            Applied::Record(r) => Ok(r),
+            Applied::Conf(_) => Err(ReplicaError::Lost),
+        }
+    }
+
+    /// Proposes a membership change and waits until it is applied here.
+    pub async fn propose_conf_change(
+        self: &Rc<Self>,
+        cc: ConfChangeV2,
+    ) -> Result<ConfState, ReplicaError> {
+        match self.submit(|c| c.propose_conf_change(cc))?.await? {
+            Applied::Conf(cs) => Ok(cs),
+            Applied::Record(_) => Err(ReplicaError::Lost),
+        }
+    }
+
+    /// A linearizable read point: resolves with an index once this replica applied through it.
+    pub async fn read_index(self: &Rc<Self>) -> Result<u64, ReplicaError> {
+        self.check_failed()?;
+        if self.reads.borrow().len() >= MAX_PENDING_READS {
+            return Err(ReplicaError::Busy {
+                max: MAX_PENDING_READS,
+            });
+        }
+        let seq = self.read_seq.get() + 1;
+        self.read_seq.set(seq);
+        let ctx = seq.to_le_bytes().to_vec();
+        let slot = Slot::new();
+        self.reads.borrow_mut().insert(ctx.clone(), slot.clone());
+        self.core.borrow_mut().read_index(ctx);
+        self.pump();
+        slot.await
+    }
+
+    fn submit(
+        self: &Rc<Self>,
+        f: impl FnOnce(&mut ShardCore<WblStore>) -> Result<(u64, u64), ProposeError>,
+    ) -> Result<ProposalSlot, ReplicaError> {
+        self.check_failed()?;
+        if self.proposals.borrow().len() >= MAX_PENDING_PROPOSALS {
+            return Err(ReplicaError::Busy {
+                max: MAX_PENDING_PROPOSALS,
+            });
+        }
+        let (index, term) = f(&mut self.core.borrow_mut())?;
+        let slot = Slot::new();
+        if let Some((_, old)) = self
+            .proposals
+            .borrow_mut()
+            .insert(index, (term, slot.clone()))
+        {
+            old.set(Err(ReplicaError::Lost));
+        }
+        self.pump();
+        Ok(slot)
+    }
+
+    fn check_failed(&self) -> Result<(), ReplicaError> {
+        match self.failed() {
+            Some(e) => Err(ReplicaError::Stopped(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&self, e: &dyn std::fmt::Display) {
+        let msg = e.to_string();
+        tracing::error!(error = %msg, "shard replica stopped");
+        *self.failed.borrow_mut() = Some(msg.clone());
+        for (_, (_, s)) in std::mem::take(&mut *self.proposals.borrow_mut()) {
+            s.set(Err(ReplicaError::Stopped(msg.clone())));
+        }
+        for (_, s) in std::mem::take(&mut *self.reads.borrow_mut()) {
+            s.set(Err(ReplicaError::Stopped(msg.clone())));
+        }
+        for (_, s) in std::mem::take(&mut *self.read_waits.borrow_mut()) {
+            s.set(Err(ReplicaError::Stopped(msg.clone())));
+        }
+    }
+
+    /// Handles every ready, sends, resolves waiters, and starts the persistence and fetch
+    /// tasks when there is work for them.
+    pub fn pump(self: &Rc<Self>) {
+        if self.failed.borrow().is_some() {
+            return;
+        }
+        loop {
+            let r = self.core.borrow_mut().process_ready();
+            match r {
+                Ok(Some(msgs)) => {
+                    let shard = self.core.borrow().shard();
+                    if !msgs.is_empty() {
+                        self.transport.send(shard, msgs);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail(&e);
+                    return;
+                }
+            }
+            self.handle_events();
+        }
+        self.handle_events();
+        self.start_persisting();
+        self.start_fetching();
+    }
+
+    fn handle_events(&self) {
+        let events = self.core.borrow_mut().take_events();
+        for ev in &events {
+            match ev {
+                Event::Applied {
+                    index,
+                    term,
+                    result,
+                    ..
+                } => self.resolve(*index, *term, Applied::Record(*result)),
+                Event::ConfChanged { index, term, conf } => {
+                    self.resolve(*index, *term, Applied::Conf(conf.clone()))
+                }
+                Event::ReadIndex { ctx, index } => {
+                    if let Some(s) = self.reads.borrow_mut().remove(ctx) {
+                        self.read_waits.borrow_mut().push((*index, s));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let applied = self.core.borrow().applied();
+        self.read_waits.borrow_mut().retain(|(i, s)| {
+            if *i <= applied {
+                s.set(Ok(*i));
+                false
+            } else {
+                true
+            }
+        });
+        if self.keep_events {
+            self.events.borrow_mut().extend(events);
+        }
+    }
+
+    fn resolve(&self, index: u64, term: u64, v: Applied) {
+        let mut p = self.proposals.borrow_mut();
+        while let Some(entry) = p.first_entry() {
+            if *entry.key() > index {
+                break;
+            }
+            let (i, (t, slot)) = entry.remove_entry();
+            if i == index && t == term {
+                slot.set(Ok(v.clone()));
+            } else {
+                slot.set(Err(ReplicaError::Lost));
+            }
+        }
+    }
+
+    fn start_persisting(self: &Rc<Self>) {
+        if self.persisting.get() {
+            return;
+        }
+        let Some(first) = self.core.borrow_mut().store_mut().take_pending() else {
+            return;
+        };
+        self.persisting.set(true);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let mut next = Some(first);
+            while let Some((number, durable)) = next {
+                if let Err(e) = durable.await {
+                    me.fail(&e);
+                    break;
+                }
+                let msgs = me.core.borrow_mut().on_persisted(number);
+                if !msgs.is_empty() {
+                    let shard = me.core.borrow().shard();
+                    me.transport.send(shard, msgs);
+                }
+                // `pump` leaves new pending writes to this loop (`persisting` is set).
+                me.pump();
+                next = me.core.borrow_mut().store_mut().take_pending();
+            }
+            me.persisting.set(false);
+        })
+        .detach();
+    }
+
+    fn start_fetching(self: &Rc<Self>) {
+        let reqs = self.core.borrow_mut().store_mut().take_fetch_requests();
+        for (low, high, ctx) in reqs {
+            let me = self.clone();
+            let wbl = self.core.borrow().store().wbl().clone();
+            glommio::spawn_local(async move {
+                match WblStore::fetch(&wbl, low, high).await {
+                    Ok(es) => {
+                        me.core.borrow_mut().store_mut().add_fetched(es);
+                        me.core.borrow_mut().on_entries_fetched(ctx);
+                        me.pump();
+                    }
+                    Err(e) => me.fail(&CoreError::Store(e)),
+                }
+            })
+            .detach();
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! The raft log on the WBL: entries are WBL records (raft index = LSN), the hard state is the
+//! WBL's two-slot file, both staged by the group-commit writer and reported durable when its
+//! batch write completes.
+//!
+//! raft-rs asks synchronously for terms (answered from the WBL's in-memory index) and for
+//! entries. Entries above the applied index stay in a memory cache (raft needs them
+//! synchronously to apply and to campaign), older ones are evicted above
+//! [`ENTRY_CACHE_BYTES`]; a request for evicted entries to send to a follower answers
+//! `LogTemporarilyUnavailable`, is queued, and the shard driver reads them from the WBL and
+//! calls `on_entries_fetched`.
+
+use super::entry::{entry_of, entry_size, record_of};
+use super::store::{LogStore, StoreError};
+use crate::wbl::{Durable, HardState as WblHardState, Wbl};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+
+/// Bytes of applied entries kept in memory for followers that lag a little.
+pub const ENTRY_CACHE_BYTES: u64 = 16 << 20;
+/// Most payload bytes read from the WBL for one asynchronous fetch.
+pub const FETCH_BYTES_MAX: usize = 4 << 20;
+/// Most fetched entries kept for raft to take.
+pub const FETCHED_ENTRIES_MAX: usize = 65536;
+
+pub struct WblStore {
+    wbl: Wbl,
+    hs: HardState,
+    cs: ConfState,
+    /// raft's "snapshot" position: the LSN and term just below the first entry it may ask for.
+    base: (u64, u64),
+    /// Contiguous entries ending at the last index.
+    cache: VecDeque<Entry>,
+    cache_bytes: u64,
+    applied: u64,
+    /// Entries read for asynchronous requests, until raft took them.
+    fetched: BTreeMap<u64, Entry>,
+    fetch_requests: RefCell<Vec<(u64, u64, GetEntriesContext)>>,
+    pending: VecDeque<(u64, Durable)>,
+}
+
+fn to_raft(h: WblHardState) -> HardState {
+    HardState {
+        term: h.term,
+        vote: h.vote,
+        commit: h.commit,
+        ..Default::default()
+    }
+}
+
+impl WblStore {
+    /// A store over `wbl` whose state machine holds everything up to the persisted commit
+    /// (local recovery's replay) with membership `cs` there. `base` is the (LSN, term) of the
+    /// snapshot under the state, or (0, 0) for a log that starts at 1. Reads the uncommitted
+    /// tail into the cache: raft may need it synchronously.
+    pub async fn open(wbl: Wbl, base: (u64, u64), cs: ConfState) -> Result<WblStore, StoreError> {
+        let hs = to_raft(wbl.hard_state());
+        let applied = hs.commit.max(base.0);
+        let mut s = WblStore {
+            hs,
+            cs,
+            base,
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+            applied,
+            fetched: BTreeMap::new(),
+            fetch_requests: RefCell::new(Vec::new()),
+            pending: VecDeque::new(),
+            wbl,
+        };
+        let first = s.first();
+        if first > s.wbl.last_lsn() {
+            return Ok(s);
+        }
+        let from = (applied + 1).max(first);
+        let mut next = from;
+        while next <= s.wbl.last_lsn() {
+            for r in s.wbl.read(next, FETCH_BYTES_MAX).await? {
+                let e = entry_of(r.kind, r.lsn, r.term, &r.payload)?;
+                s.cache_bytes += entry_size(&e);
+                s.cache.push_back(e);
+                next = r.lsn + 1;
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn wbl(&self) -> &Wbl {
+        &self.wbl
+    }
+
+    /// The oldest staged Ready whose durability the driver has not awaited yet: await the
+    /// `Durable`, then call `ShardCore::on_persisted(number)`.
+    pub fn take_pending(&mut self) -> Option<(u64, Durable)> {
+        self.pending.pop_front()
+    }
+
+    /// Asynchronous entry requests raft made since the last call.
+    pub fn take_fetch_requests(&mut self) -> Vec<(u64, u64, GetEntriesContext)> {
+        std::mem::take(self.fetch_requests.get_mut())
+    }
+
+    /// Reads `[low, high)` from the WBL into the fetched set (up to [`FETCH_BYTES_MAX`]).
+    pub async fn fetch(wbl: &Wbl, low: u64, high: u64) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        for r in wbl.read(low, FETCH_BYTES_MAX).await? {
+            if r.lsn >= high {
+                break;
+            }
+            out.push(entry_of(r.kind, r.lsn, r.term, &r.payload)?);
+        }
+        Ok(out)
+    }
+
+    /// Keeps fetched entries until raft asks again (then `on_entries_fetched`). At most
+    /// [`FETCHED_ENTRIES_MAX`] are kept; older fetches are dropped first (raft asks again).
+    pub fn add_fetched(&mut self, entries: Vec<Entry>) {
+        if self.fetched.len() + entries.len() > FETCHED_ENTRIES_MAX {
+            self.fetched.clear();
+        }
+        for e in entries {
+            self.fetched.insert(e.index, e);
+        }
+    }
+
+    fn first(&self) -> u64 {
+        (self.base.0 + 1).max(self.wbl.first_lsn())
+    }
+
+    fn cache_first(&self) -> u64 {
+        self.cache
+            .front()
+            .map_or(self.wbl.last_lsn() + 1, |e| e.index)
+    }
+
+    fn evict(&mut self) {
+        while self.cache_bytes > ENTRY_CACHE_BYTES
+            && self.cache.front().is_some_and(|e| e.index <= self.applied)
+        {
+            let e = self.cache.pop_front().expect("front exists");
+            self.cache_bytes -= entry_size(&e);
+        }
+    }
+}
+
+impl raft::Storage for WblStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState {
+            hard_state: self.hs.clone(),
+            conf_state: self.cs.clone(),
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.wbl.last_lsn() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max = max_size.into().unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        let mut size = 0;
+        let cache_first = self.cache_first();
+        for i in low..high {
+            let e = if i >= cache_first {
+                self.cache[(i - cache_first) as usize].clone()
+            } else if let Some(e) = self.fetched.get(&i) {
+                e.clone()
+            } else if context.can_async() {
+                self.fetch_requests.borrow_mut().push((i, high, context));
+                return Err(raft::Error::Store(StorageError::LogTemporarilyUnavailable));
+            } else {
+                // The cache keeps everything above the applied index, which is all raft asks
+                // for synchronously.
+                tracing::error!(
+                    low,
+                    high,
+                    index = i,
+                    "raft asked synchronously for an evicted entry"
+                );
+                return Err(raft::Error::Store(StorageError::Unavailable));
+            };
+            size += entry_size(&e);
+            if !out.is_empty() && size > max {
+                break;
+            }
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.base.0 {
+            return Ok(self.base.1);
+        }
+        if idx < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        self.wbl
+            .term(idx)
+            .ok_or(raft::Error::Store(StorageError::Unavailable))
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.wbl.last_lsn().max(self.base.0))
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Snapshot streaming (keyfort snapshot files over the peer transport) is not built yet.
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+}
+
+impl LogStore for WblStore {
+    fn stage(
+        &mut self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+        number: u64,
+    ) -> Result<(), StoreError> {
+        let mut last = None;
+        if let Some(first) = entries.first() {
+            let cache_first = self.cache_first();
+            if first.index < cache_first {
+                self.cache.clear();
+                self.cache_bytes = 0;
+            } else {
+                while self.cache.back().is_some_and(|e| e.index >= first.index) {
+                    let e = self.cache.pop_back().expect("back exists");
+                    self.cache_bytes -= entry_size(&e);
+                }
+            }
+            for e in entries {
+                let (kind, payload) = record_of(e)?;
+                last = Some(self.wbl.append(kind, e.index, e.term, payload.to_vec())?);
+                self.cache_bytes += entry_size(e);
+                self.cache.push_back(e.clone());
+            }
+            self.fetched.retain(|&i, _| i < first.index);
+        }
+        if let Some(hs) = hs {
+            self.hs = hs.clone();
+            last = Some(self.wbl.set_hard_state(WblHardState {
+                term: hs.term,
+                vote: hs.vote,
+                commit: hs.commit,
+            })?);
+        }
+        if let Some(d) = last {
+            self.pending.push_back((number, d));
+        }
+        self.evict();
+        Ok(())
+    }
+
+    fn set_conf_state(&mut self, _index: u64, cs: ConfState) {
+        self.cs = cs;
+    }
+
+    fn set_applied(&mut self, index: u64) {
+        self.applied = index;
+        self.evict();
+    }
+
+    fn chain_at(&self, lsn: u64) -> Option<u64> {
+        self.wbl.chain_at(lsn)
+    }
+}
