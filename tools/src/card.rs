@@ -105,6 +105,17 @@ pub struct CardAt {
     label: String,
 }
 
+impl CardAt {
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// A session on the card (user PIN from the environment), no integrity key loaded.
+    pub fn session_without_integrity_key(&self) -> Result<CoreSession, String> {
+        open(&self.token_dir, &self.label)?.session().map_err(s)
+    }
+}
+
 /// Files of a single-key operation.
 #[derive(Debug, clap::Args)]
 pub struct KeyIo {
@@ -272,7 +283,7 @@ fn s(e: keyfort_hsm::CardError) -> String {
     e.to_string()
 }
 
-fn open(token_dir: &Path, label: &str) -> Result<Card, String> {
+pub(crate) fn open(token_dir: &Path, label: &str) -> Result<Card, String> {
     let hsm = open_token_dir(token_dir).map_err(s)?;
     Card::open(hsm, label, Pin::user_from_env().map_err(s)?).map_err(s)
 }

@@ -2,6 +2,7 @@
 //! own module; the binaries only parse arguments and dispatch.
 
 pub mod card;
+pub mod cluster_cmd;
 pub mod demo;
 pub mod demo_snapshot;
 pub mod snapshot_cmd;

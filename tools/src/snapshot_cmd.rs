@@ -6,8 +6,7 @@
 
 use clap::Subcommand;
 use keyfort_engine::snapshot::{Snapshot, SnapshotError};
-use keyfort_hsm::softhsm::open_token_dir;
-use keyfort_hsm::{Card, CoreSession, Pin};
+use keyfort_hsm::CoreSession;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Subcommand)]
@@ -55,10 +54,8 @@ pub(crate) fn session(
     label: &str,
     integrity_key: &Path,
 ) -> Result<CoreSession, String> {
-    let s = |e: keyfort_hsm::CardError| e.to_string();
-    let hsm = open_token_dir(token_dir).map_err(s)?;
-    let card = Card::open(hsm, label, Pin::user_from_env().map_err(s)?).map_err(s)?;
-    let mut session = card.session().map_err(s)?;
+    let card = crate::card::open(token_dir, label)?;
+    let mut session = card.session().map_err(|e| e.to_string())?;
     let key =
         std::fs::read(integrity_key).map_err(|e| format!("{}: {e}", integrity_key.display()))?;
     session

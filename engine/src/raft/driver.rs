@@ -41,6 +41,14 @@ pub enum ReplicaError {
     Stopped(String),
 }
 
+/// A committed and applied proposal: where it landed and what it did.
+#[derive(Clone, Copy, Debug)]
+pub struct Committed {
+    pub index: u64,
+    pub term: u64,
+    pub result: ApplyResult,
+}
+
 /// What an applied proposal produced.
 #[derive(Clone, Debug)]
 pub enum Applied {

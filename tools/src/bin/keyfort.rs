@@ -1,7 +1,9 @@
 //! `keyfort`: the operator's CLI.
 
 use clap::{Parser, Subcommand};
-use keyfort_tools::{card::CardCmd, snapshot_cmd::SnapshotCmd, wbl_cmd::WblCmd};
+use keyfort_tools::{
+    card::CardCmd, cluster_cmd::ClusterCmd, snapshot_cmd::SnapshotCmd, wbl_cmd::WblCmd,
+};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -21,6 +23,11 @@ enum Cmd {
     Card {
         #[command(subcommand)]
         cmd: CardCmd,
+    },
+    /// Make a cluster and bootstrap its initial members' data dirs.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
     },
     /// Offline tools for a write-behind log directory.
     Wbl {
@@ -46,6 +53,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Card { cmd } => keyfort_tools::card::run(cmd),
+        Cmd::Cluster { cmd } => keyfort_tools::cluster_cmd::run(cmd),
         Cmd::Wbl { cmd } => keyfort_tools::wbl_cmd::run(cmd),
         Cmd::Snapshot { cmd } => keyfort_tools::snapshot_cmd::run(cmd),
         Cmd::Demo(a) => keyfort_tools::demo::run(a),

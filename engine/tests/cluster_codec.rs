@@ -1,0 +1,84 @@
+//! The cluster config and node identity codecs: round trips, and arbitrary or damaged bytes
+//! give typed errors, never panics.
+
+use keyfort_engine::cluster::{ClusterConfig, ClusterError, Identity, Member};
+use proptest::prelude::*;
+
+fn config() -> impl Strategy<Value = ClusterConfig> {
+    (
+        any::<[u8; 16]>(),
+        1u32..64,
+        prop::collection::btree_set(1u64..1000, 0..8),
+        prop::collection::vec(any::<u8>(), 0..200),
+    )
+        .prop_map(|(cluster_id, shard_count, ids, key)| ClusterConfig {
+            cluster_id,
+            shard_count,
+            members: ids
+                .into_iter()
+                .map(|node_id| Member {
+                    node_id,
+                    peer_addr: format!("127.0.0.1:{}", 7000 + node_id),
+                })
+                .collect(),
+            integrity_key_wrapped: key,
+        })
+}
+
+proptest! {
+    #[test]
+    fn cluster_config_round_trips_and_refuses_damage(c in config(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let b = c.encode().unwrap();
+        prop_assert_eq!(ClusterConfig::decode(&b).unwrap(), c);
+        for cut in 0..b.len() {
+            prop_assert!(ClusterConfig::decode(&b[..cut]).is_err());
+        }
+        let mut d = b.clone();
+        d[at.index(b.len())] ^= 1 << bit;
+        prop_assert!(ClusterConfig::decode(&d).is_err());
+        let mut t = b.clone();
+        t.push(0);
+        prop_assert!(ClusterConfig::decode(&t).is_err());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(b in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = ClusterConfig::decode(&b);
+        let _ = Identity::decode(&b);
+    }
+
+    #[test]
+    fn identity_round_trips_and_refuses_damage(cluster_id in any::<[u8; 16]>(), node_id in 1u64.., at in 0usize..36, bit in 0u8..8) {
+        let id = Identity { cluster_id, node_id };
+        let b = id.encode();
+        prop_assert_eq!(Identity::decode(&b).unwrap(), id);
+        let mut d = b;
+        d[at] ^= 1 << bit;
+        prop_assert!(Identity::decode(&d).is_err());
+    }
+}
+
+#[test]
+fn members_must_be_ascending_and_nonzero() {
+    let mut c = ClusterConfig {
+        cluster_id: [1; 16],
+        shard_count: 1,
+        members: vec![
+            Member {
+                node_id: 2,
+                peer_addr: "a".into(),
+            },
+            Member {
+                node_id: 1,
+                peer_addr: "b".into(),
+            },
+        ],
+        integrity_key_wrapped: vec![],
+    };
+    assert!(matches!(c.encode(), Err(ClusterError::Invalid { .. })));
+    c.members[1].node_id = 0;
+    assert!(matches!(c.encode(), Err(ClusterError::Invalid { .. })));
+    c.members.clear();
+    c.shard_count = 0;
+    assert!(matches!(c.encode(), Err(ClusterError::Invalid { .. })));
+}
