@@ -4,6 +4,7 @@
 
 pub mod appenders;
 pub mod disk;
+pub mod local_cluster;
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};

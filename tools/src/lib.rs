@@ -5,6 +5,7 @@ pub mod card;
 pub mod cluster_cmd;
 pub mod demo;
 pub mod demo_snapshot;
+pub mod node;
 pub mod snapshot_cmd;
 pub mod wbl_cmd;
 

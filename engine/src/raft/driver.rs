@@ -219,10 +219,18 @@ impl Replica {
         self: &Rc<Self>,
         kind: RecordKind,
         payload: &[u8],
-    ) -> Result<ApplyResult, ReplicaError> {
-        let r = self.submit(|c| c.propose(kind, payload))?.await?;
-        match r {
-            Applied::Record(r) => Ok(r),
+    ) -> Result<Committed, ReplicaError> {
+        let mut at = (0, 0);
+        let slot = self.submit(|c| {
+            at = c.propose(kind, payload)?;
+            Ok(at)
+        })?;
+        match slot.await? {
+            Applied::Record(result) => Ok(Committed {
+                index: at.0,
+                term: at.1,
+                result,
+            }),
             Applied::Conf(_) => Err(ReplicaError::Lost),
         }
     }

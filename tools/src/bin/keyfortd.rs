@@ -1,17 +1,33 @@
-//! `keyfortd`: one keyfort node. The node itself (raft per shard over the WBL, peers, clients)
-//! arrives with the replication and service issues; until then it says so instead of pretending.
+//! `keyfortd`: one keyfort node (see `keyfort_tools::node`). The client protocol arrives with
+//! the service issue; this is the node's peer side: its card, its shards' raft replicas over
+//! their logs, and the authenticated peer transport.
 
+use clap::Parser;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[derive(Debug, Parser)]
+#[command(name = "keyfortd", version, about = "keyfort node")]
+struct Args {
+    /// The node's config file (JSON; docs/operations.md "Running a node").
+    #[arg(long)]
+    config: PathBuf,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--version" || a == "-V") {
-        println!("keyfortd {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match keyfort_tools::node::run(&args.config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("keyfortd: {msg}");
+            ExitCode::FAILURE
+        }
     }
-    eprintln!(
-        "keyfortd: the node is not built yet (replication and service issues); \
-         `keyfort demo` runs what exists: cards and the write-behind log"
-    );
-    ExitCode::from(2)
 }

@@ -1,0 +1,266 @@
+//! A local cluster of real `keyfortd` processes on 127.0.0.1, each with its own SoftHSM card:
+//! what the demo and the multi-process tests drive. Everything goes through the operator's
+//! commands (`keyfort card ...`, `keyfort cluster init/bootstrap`) and the node's config file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long `wait_for` polls status files before giving up.
+pub const STATUS_POLL: Duration = Duration::from_millis(50);
+
+pub struct Node {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub peer_addr: String,
+    pub child: Option<Child>,
+}
+
+pub struct LocalCluster {
+    pub root: PathBuf,
+    pub keyfortd: PathBuf,
+    pub nodes: Vec<Node>,
+    pub shards: u32,
+}
+
+/// One shard's line of a node's `status.json`.
+#[derive(Clone, Debug, Default)]
+pub struct ShardStatus {
+    pub role: String,
+    pub term: u64,
+    pub leader: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub digest: String,
+    pub partitions: u64,
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Free ports on 127.0.0.1 (bound and released: another process could take one meanwhile).
+pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    ls.iter()
+        .map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string()))
+        .collect()
+}
+
+impl LocalCluster {
+    /// Cards (one realm), the cluster (integrity key made on node 1's card), every node's data
+    /// dir and config. `keyfort` and `keyfortd` are the binaries to run.
+    pub fn create(
+        root: &Path,
+        keyfort: &Path,
+        keyfortd: &Path,
+        nodes: u64,
+        shards: u32,
+        synthetic_load_per_s: u64,
+        tick_ms: u64,
+    ) -> Result<LocalCluster, String> {
+        let io = |e: std::io::Error| format!("{}: {e}", root.display());
+        std::fs::create_dir_all(root).map_err(io)?;
+        let pin = root.join("user.pin");
+        let so_pin = root.join("so.pin");
+        std::fs::write(&pin, hex_random()).map_err(io)?;
+        std::fs::write(&so_pin, hex_random()).map_err(io)?;
+        let card = |args: &[&str]| {
+            run(
+                Command::new(keyfort)
+                    .arg("card")
+                    .args(args)
+                    .env("KEYFORT_PIN_FILE", &pin)
+                    .env("KEYFORT_SO_PIN_FILE", &so_pin),
+                &format!("keyfort card {}", args[0]),
+            )
+        };
+        let s = |p: &Path| p.to_string_lossy().into_owned();
+        let kit = root.join("kit");
+        card(&["ceremony-kit", "--out", &s(&kit), "--realm", "local-realm"])?;
+        let ports = free_ports(nodes as usize)?;
+        let mut members = Vec::new();
+        let mut out = Vec::new();
+        for (i, port) in (1..=nodes).zip(&ports) {
+            let dir = root.join(format!("node-{i}"));
+            let token_dir = dir.join("card");
+            let label = format!("node-{i}");
+            card(&[
+                "init",
+                "--token-dir",
+                &s(&token_dir),
+                "--label",
+                &label,
+                "--kit",
+                &s(&kit),
+            ])?;
+            let peer_addr = format!("127.0.0.1:{port}");
+            members.push(format!("{i}={peer_addr}"));
+            let data_dir = dir.join("data");
+            let config = dir.join("keyfortd.json");
+            let cfg = serde_json::json!({
+                "data_dir": data_dir,
+                "peer_listen": peer_addr,
+                "card": { "token_dir": token_dir, "label": label, "pin_file": pin },
+                "tick_ms": tick_ms,
+                "synthetic_load_per_s": synthetic_load_per_s,
+            });
+            std::fs::write(&config, cfg.to_string()).map_err(io)?;
+            out.push(Node {
+                id: i,
+                data_dir,
+                config,
+                peer_addr,
+                child: None,
+            });
+        }
+        let cluster_cfg = root.join("cluster-config");
+        let mut init = Command::new(keyfort);
+        init.args(["cluster", "init", "--token-dir"])
+            .arg(root.join("node-1/card"))
+            .args([
+                "--label",
+                "node-1",
+                "--shards",
+                &shards.to_string(),
+                "--out",
+            ])
+            .arg(&cluster_cfg)
+            .env("KEYFORT_PIN_FILE", &pin);
+        for m in &members {
+            init.args(["--member", m]);
+        }
+        run(&mut init, "keyfort cluster init")?;
+        for n in &out {
+            run(
+                Command::new(keyfort)
+                    .args(["cluster", "bootstrap", "--config"])
+                    .arg(&cluster_cfg)
+                    .args(["--node-id", &n.id.to_string(), "--data-dir"])
+                    .arg(&n.data_dir),
+                "keyfort cluster bootstrap",
+            )?;
+        }
+        Ok(LocalCluster {
+            root: root.to_path_buf(),
+            keyfortd: keyfortd.to_path_buf(),
+            nodes: out,
+            shards,
+        })
+    }
+
+    /// Starts node `i` (index into `nodes`), its stderr in `node-N/keyfortd.log`.
+    pub fn start(&mut self, i: usize) -> Result<(), String> {
+        let n = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(
+                n.data_dir
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join("keyfortd.log"),
+            )
+            .map_err(|e| e.to_string())?;
+        let child = Command::new(&self.keyfortd)
+            .arg("--config")
+            .arg(&n.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("keyfortd: {e}"))?;
+        n.child = Some(child);
+        Ok(())
+    }
+
+    pub fn start_all(&mut self) -> Result<(), String> {
+        (0..self.nodes.len()).try_for_each(|i| self.start(i))
+    }
+
+    /// SIGKILL: the node gets no chance to flush or close anything.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn kill_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill9(i);
+        }
+    }
+
+    /// Whether node `i`'s process exited by itself (a crash), with its status.
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.nodes[i].child.as_mut()?.try_wait().ok()?
+    }
+
+    /// Node `i`'s status per shard (None before its first status write or while stopped).
+    pub fn status(&self, i: usize) -> Option<Vec<ShardStatus>> {
+        self.nodes[i].child.as_ref()?;
+        let text = std::fs::read_to_string(self.nodes[i].data_dir.join("status.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let u = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
+        Some(
+            v["shards"]
+                .as_array()?
+                .iter()
+                .map(|s| ShardStatus {
+                    role: s["role"].as_str().unwrap_or("").to_string(),
+                    term: u(s, "term"),
+                    leader: u(s, "leader"),
+                    commit: u(s, "commit"),
+                    applied: u(s, "applied"),
+                    digest: s["digest"].as_str().unwrap_or("").to_string(),
+                    partitions: u(s, "partitions"),
+                })
+                .collect(),
+        )
+    }
+
+    /// The index of the node that leads `shard` in the highest term any running node reports.
+    pub fn leader(&self, shard: u32) -> Option<usize> {
+        (0..self.nodes.len())
+            .filter_map(|i| {
+                let s = self.status(i)?.get(shard as usize)?.clone();
+                (s.role == "Leader").then_some((s.term, i))
+            })
+            .max()
+            .map(|(_, i)| i)
+    }
+
+    /// Polls until `f` holds or `timeout` passes.
+    pub fn wait_for(&self, timeout: Duration, mut f: impl FnMut(&Self) -> bool) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if f(self) {
+                return true;
+            }
+            std::thread::sleep(STATUS_POLL);
+        }
+        f(self)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+fn hex_random() -> String {
+    let b: [u8; 16] = rand::random();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
