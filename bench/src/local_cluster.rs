@@ -67,7 +67,7 @@ impl LocalCluster {
         keyfortd: &Path,
         nodes: u64,
         shards: u32,
-        synthetic_load_per_s: u64,
+        synthetic_in_flight: usize,
         tick_ms: u64,
     ) -> Result<LocalCluster, String> {
         let io = |e: std::io::Error| format!("{}: {e}", root.display());
@@ -114,7 +114,7 @@ impl LocalCluster {
                 "peer_listen": peer_addr,
                 "card": { "token_dir": token_dir, "label": label, "pin_file": pin },
                 "tick_ms": tick_ms,
-                "synthetic_load_per_s": synthetic_load_per_s,
+                "synthetic_in_flight": synthetic_in_flight,
             });
             std::fs::write(&config, cfg.to_string()).map_err(io)?;
             out.push(Node {
@@ -228,6 +228,34 @@ impl LocalCluster {
                 })
                 .collect(),
         )
+    }
+
+    /// Node `i`'s commit latency summary of its synthetic load (`status.json`).
+    pub fn synthetic_latency(&self, i: usize) -> Option<crate::LatencySummary> {
+        self.nodes[i].child.as_ref()?;
+        let text = std::fs::read_to_string(self.nodes[i].data_dir.join("status.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let l = &v["synthetic_commit_latency"];
+        let f = |k: &str| l[k].as_f64().unwrap_or(0.0);
+        Some(crate::LatencySummary {
+            count: l["count"].as_u64()?,
+            p50_us: f("p50_us"),
+            p99_us: f("p99_us"),
+            p999_us: f("p999_us"),
+            max_us: f("max_us"),
+        })
+    }
+
+    /// Changes every node's config file (takes effect at the next start).
+    pub fn configure(&self, f: impl Fn(&mut serde_json::Value)) -> Result<(), String> {
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.config).map_err(|e| e.to_string())?;
+            let mut v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            f(&mut v);
+            std::fs::write(&n.config, v.to_string()).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// The index of the node that leads `shard` in the highest term any running node reports.

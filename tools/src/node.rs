@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 /// How often `status.json` is rewritten.
 pub const STATUS_INTERVAL: Duration = Duration::from_millis(200);
 /// Most synthetic proposals of one shard in flight.
-pub const SYNTHETIC_IN_FLIGHT_MAX: usize = 64;
+pub const SYNTHETIC_IN_FLIGHT_MAX: usize = 1024;
+/// Record payload bytes of a synthetic proposal (the issue's 128 B entries).
+pub const SYNTHETIC_ENTRY_BYTES: usize = 128;
 /// Idempotency window of every shard, in LSNs.
 pub const IDEMPOTENCY_WINDOW_LSNS: u64 = 1 << 20;
 
@@ -47,9 +49,13 @@ pub struct NodeConfig {
     /// Peers to fetch the cluster config from when joining (the join issue uses them).
     #[serde(default)]
     pub seed_peers: Vec<SocketAddr>,
-    /// Test and benchmark load: proposals per second per shard this node leads (0 = none).
+    /// Test and benchmark load: proposals kept in flight on every shard this node leads
+    /// (closed loop; 0 = none). Each is a partition creation of [`SYNTHETIC_ENTRY_BYTES`].
     #[serde(default)]
-    pub synthetic_load_per_s: u64,
+    pub synthetic_in_flight: usize,
+    /// Synthetic proposals completed in the first this-many milliseconds are not recorded.
+    #[serde(default)]
+    pub synthetic_warmup_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +153,7 @@ async fn node(cfg: NodeConfig, id: Identity, cluster: ClusterConfig) -> crate::C
     let bound = transport
         .listen(cfg.peer_listen)
         .map_err(|e| format!("peer listener {}: {e}", cfg.peer_listen))?;
+    let latency: Latency = Rc::new(RefCell::new(keyfort_bench::latency_histogram()));
     let bootstrap = ConfState {
         voters: cluster.members.iter().map(|m| m.node_id).collect(),
         ..Default::default()
@@ -173,11 +180,13 @@ async fn node(cfg: NodeConfig, id: Identity, cluster: ClusterConfig) -> crate::C
         .map_err(|e| format!("shard {shard}: {e}"))?;
         replicas.borrow_mut().push(r.clone());
         glommio::spawn_local(r.clone().run_ticker(Duration::from_millis(cfg.tick_ms))).detach();
-        if cfg.synthetic_load_per_s > 0 {
+        if cfg.synthetic_in_flight > 0 {
             glommio::spawn_local(synthetic_load(
                 r,
-                cfg.synthetic_load_per_s,
+                cfg.synthetic_in_flight,
+                Duration::from_millis(cfg.synthetic_warmup_ms),
                 cfg.data_dir.clone(),
+                latency.clone(),
             ))
             .detach();
         }
@@ -191,16 +200,31 @@ async fn node(cfg: NodeConfig, id: Identity, cluster: ClusterConfig) -> crate::C
     );
     loop {
         glommio::timer::sleep(STATUS_INTERVAL).await;
-        write_status(&cfg.data_dir, id.node_id, &replicas.borrow())?;
+        write_status(
+            &cfg.data_dir,
+            id.node_id,
+            &replicas.borrow(),
+            &latency.borrow(),
+        )?;
         if let Some(e) = replicas.borrow().iter().find_map(|r| r.failed()) {
             return Err(format!("a shard replica stopped: {e}"));
         }
     }
 }
 
-/// Proposes partition creations at `per_s` while this replica leads; every acknowledged one is
-/// appended to `acked-<shard>.log` as `index term` (tests check none is ever lost).
-async fn synthetic_load(r: Rc<Replica>, per_s: u64, data_dir: PathBuf) {
+/// Commit latency of synthetic proposals (propose → applied on this leader), per node.
+type Latency = Rc<RefCell<hdrhistogram::Histogram<u64>>>;
+
+/// Keeps `in_flight` partition creations proposed while this replica leads; records each one's
+/// latency after the warm-up, and appends every acknowledged one to `acked-<shard>.log` as
+/// `index term` (tests check none is ever lost).
+async fn synthetic_load(
+    r: Rc<Replica>,
+    in_flight: usize,
+    warmup: Duration,
+    data_dir: PathBuf,
+    latency: Latency,
+) {
     let shard = r.with_core(|c| c.shard());
     let path = data_dir.join(format!("acked-{shard}.log"));
     let log = match std::fs::OpenOptions::new()
@@ -214,30 +238,46 @@ async fn synthetic_load(r: Rc<Replica>, per_s: u64, data_dir: PathBuf) {
             return;
         }
     };
-    let in_flight = Rc::new(std::cell::Cell::new(0usize));
-    let interval = Duration::from_nanos(1_000_000_000 / per_s.max(1));
-    while r.failed().is_none() {
-        glommio::timer::sleep(interval).await;
-        if !r.with_core(|c| c.is_leader()) || in_flight.get() >= SYNTHETIC_IN_FLIGHT_MAX {
-            continue;
-        }
-        let op = Op::PartitionCreate {
-            partition: PartitionId(rand::random()),
-            config: vec![0x5a; 32],
-        };
-        let (r2, log, in_flight2) = (r.clone(), log.clone(), in_flight.clone());
-        in_flight.set(in_flight.get() + 1);
-        glommio::spawn_local(async move {
-            if let Ok(c) = r2.propose(op.kind(), &op.encode()).await {
-                let _ = writeln!(log.borrow_mut(), "{} {}", c.index, c.term);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..in_flight.min(SYNTHETIC_IN_FLIGHT_MAX) {
+        let (r, log, latency) = (r.clone(), log.clone(), latency.clone());
+        tasks.push(glommio::spawn_local(async move {
+            while r.failed().is_none() {
+                if !r.with_core(|c| c.is_leader()) {
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                let op = Op::PartitionCreate {
+                    partition: PartitionId(rand::random()),
+                    config: vec![0x5a; SYNTHETIC_ENTRY_BYTES - 1 - 16 - 4],
+                };
+                let t = Instant::now();
+                if let Ok(c) = r.propose(op.kind(), &op.encode()).await {
+                    if t0.elapsed() >= warmup {
+                        keyfort_bench::record_ns(
+                            &mut latency.borrow_mut(),
+                            t.elapsed().as_nanos() as u64,
+                        );
+                    }
+                    let _ = writeln!(log.borrow_mut(), "{} {}", c.index, c.term);
+                } else {
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
             }
-            in_flight2.set(in_flight2.get() - 1);
-        })
-        .detach();
+        }));
+    }
+    for t in tasks {
+        t.await;
     }
 }
 
-fn write_status(dir: &Path, node: u64, replicas: &[Rc<Replica>]) -> crate::CmdResult {
+fn write_status(
+    dir: &Path,
+    node: u64,
+    replicas: &[Rc<Replica>],
+    latency: &hdrhistogram::Histogram<u64>,
+) -> crate::CmdResult {
     let shards: Vec<serde_json::Value> = replicas
         .iter()
         .map(|r| {
@@ -255,7 +295,11 @@ fn write_status(dir: &Path, node: u64, replicas: &[Rc<Replica>]) -> crate::CmdRe
             })
         })
         .collect();
-    let v = serde_json::json!({ "node": node, "shards": shards });
+    let v = serde_json::json!({
+        "node": node,
+        "shards": shards,
+        "synthetic_commit_latency": keyfort_bench::LatencySummary::of(latency),
+    });
     let tmp = dir.join("status.json.tmp");
     std::fs::write(&tmp, v.to_string()).map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, dir.join("status.json")).map_err(|e| format!("status.json: {e}"))

@@ -51,7 +51,7 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
         env!("CARGO_BIN_EXE_keyfortd").as_ref(),
         3,
         SHARDS,
-        100,
+        4,
         50,
     )
     .unwrap();
