@@ -258,6 +258,37 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Checks, with every node stopped, that each proposal a node acknowledged on `shard`
+    /// (`acked-<shard>.log`) is in a majority of the nodes' logs with the term it was
+    /// acknowledged in; returns how many were checked.
+    pub fn check_acked_in_majority(&self, shard: u32) -> Result<u64, String> {
+        let logs = self
+            .nodes
+            .iter()
+            .map(|n| log_terms(&n.data_dir.join(format!("shard-{shard}/wbl"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut checked = 0;
+        for n in &self.nodes {
+            let f = n.data_dir.join(format!("acked-{shard}.log"));
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            for line in text.lines() {
+                let mut it = line.split_whitespace().map(str::parse::<u64>);
+                let (Some(Ok(i)), Some(Ok(t))) = (it.next(), it.next()) else {
+                    continue; // a line cut by SIGKILL
+                };
+                let holders = logs.iter().filter(|l| l.get(&i) == Some(&t)).count();
+                if holders * 2 <= self.nodes.len() {
+                    return Err(format!(
+                        "shard {shard}: acknowledged entry {i} (term {t}) is in {holders} of {} logs",
+                        self.nodes.len()
+                    ));
+                }
+                checked += 1;
+            }
+        }
+        Ok(checked)
+    }
+
     /// The index of the node that leads `shard` in the highest term any running node reports.
     pub fn leader(&self, shard: u32) -> Option<usize> {
         (0..self.nodes.len())
@@ -286,6 +317,28 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.kill_all();
     }
+}
+
+/// LSN → term of every durable record of a log (opened read-only).
+pub fn log_terms(dir: &Path) -> Result<std::collections::BTreeMap<u64, u64>, String> {
+    use keyfort_engine::wbl::{Wbl, WblOptions};
+    let probe_dir = dir.to_path_buf();
+    let dir = dir.to_path_buf();
+    keyfort_engine::exec::run_local(&probe_dir, |_| async move {
+        let opts = WblOptions {
+            read_only: true,
+            ..WblOptions::default()
+        };
+        let (wbl, _) = Wbl::open(&dir, opts).await.map_err(|e| e.to_string())?;
+        let mut r = wbl.reader(wbl.first_lsn());
+        let mut out = std::collections::BTreeMap::new();
+        while let Some(rec) = r.next().await {
+            let rec = rec.map_err(|e| e.to_string())?;
+            out.insert(rec.lsn, rec.term);
+        }
+        Ok(out)
+    })
+    .map_err(|e| e.to_string())?
 }
 
 fn hex_random() -> String {

@@ -9,7 +9,10 @@
 //!    (masked keys made in node-1's card, appended, applied once durable, the commit persisted,
 //!    rolling snapshots compacted in the background), is SIGKILLed, and every shard recovers from
 //!    its newest verified snapshot plus the log: the drill prints what each phase took and checks
-//!    no reported commit was lost.
+//!    no reported commit was lost;
+//! 4. the cluster drill ([`crate::demo_cluster`]): three `keyfortd` processes replicate two
+//!    shards with raft over their logs; the leader is SIGKILLed, the survivors elect a new one and
+//!    commit again, the killed node restarts from its own log and catches up, each step timed.
 
 use keyfort_engine::exec;
 use keyfort_engine::wbl::{RecordKind, Wbl, WblOptions};
@@ -51,7 +54,8 @@ pub fn run(args: DemoArgs) -> crate::CmdResult {
     std::env::set_var(USER_PIN_FILE_ENV, cards.join(USER_PIN_FILE));
     cards_demo(&cards)?;
     wbl_crash_drill(&args.data_dir.join("wbl"), shards, args.seconds)?;
-    crate::demo_snapshot::snapshot_drill(&args.data_dir, shards, args.seconds)
+    crate::demo_snapshot::snapshot_drill(&args.data_dir, shards, args.seconds)?;
+    crate::demo_cluster::cluster_drill(&args.data_dir.join("cluster"))
 }
 
 /// Files of the card demo's directory that the snapshot drill uses.

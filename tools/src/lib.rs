@@ -4,6 +4,7 @@
 pub mod card;
 pub mod cluster_cmd;
 pub mod demo;
+pub mod demo_cluster;
 pub mod demo_snapshot;
 pub mod node;
 pub mod snapshot_cmd;

@@ -4,8 +4,6 @@
 //! logs at the end, with the term it was acknowledged in.
 
 use keyfort_bench::local_cluster::LocalCluster;
-use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 const SHARDS: u32 = 2;
@@ -18,28 +16,6 @@ fn max_commit(c: &LocalCluster, shard: u32) -> u64 {
         .filter_map(|i| c.status(i).map(|s| s[shard as usize].commit))
         .max()
         .unwrap_or(0)
-}
-
-/// lsn → term of every record in a node's shard log (`keyfort wbl dump`).
-fn dump(dir: &std::path::Path) -> BTreeMap<u64, u64> {
-    let out = Command::new(env!("CARGO_BIN_EXE_keyfort"))
-        .args(["wbl", "dump"])
-        .arg(dir)
-        .output()
-        .expect("keyfort wbl dump");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-        })
-        .collect()
 }
 
 #[test]
@@ -93,30 +69,8 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
         }
     }
     c.kill_all();
-    // Every acknowledged proposal is in a majority of the logs with its term.
     for shard in 0..SHARDS {
-        let logs: Vec<BTreeMap<u64, u64>> = c
-            .nodes
-            .iter()
-            .map(|n| dump(&n.data_dir.join(format!("shard-{shard}/wbl"))))
-            .collect();
-        let mut acked = 0;
-        for n in &c.nodes {
-            let f = n.data_dir.join(format!("acked-{shard}.log"));
-            for line in std::fs::read_to_string(&f).unwrap_or_default().lines() {
-                let mut it = line.split_whitespace();
-                let (Some(i), Some(t)) = (it.next(), it.next()) else {
-                    continue;
-                };
-                let (i, t): (u64, u64) = (i.parse().unwrap(), t.parse().unwrap());
-                let holders = logs.iter().filter(|l| l.get(&i) == Some(&t)).count();
-                assert!(
-                    holders >= 2,
-                    "shard {shard}: acknowledged entry {i} (term {t}) is in {holders} logs"
-                );
-                acked += 1;
-            }
-        }
+        let acked = c.check_acked_in_majority(shard).unwrap();
         assert!(
             acked > 100,
             "shard {shard}: only {acked} proposals acknowledged"
