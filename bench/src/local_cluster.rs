@@ -289,6 +289,14 @@ impl LocalCluster {
         Ok(checked)
     }
 
+    /// The highest commit index of `shard` any running node reports.
+    pub fn max_commit(&self, shard: u32) -> u64 {
+        (0..self.nodes.len())
+            .filter_map(|i| self.status(i).map(|s| s[shard as usize].commit))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The index of the node that leads `shard` in the highest term any running node reports.
     pub fn leader(&self, shard: u32) -> Option<usize> {
         (0..self.nodes.len())

@@ -17,13 +17,6 @@ const TICK_MS: u64 = 100;
 /// Longest any drill step may take before the drill fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn max_commit(c: &LocalCluster, shard: u32) -> u64 {
-    (0..c.nodes.len())
-        .filter_map(|i| c.status(i).map(|s| s[shard as usize].commit))
-        .max()
-        .unwrap_or(0)
-}
-
 fn timed(
     c: &LocalCluster,
     what: &str,
@@ -51,17 +44,17 @@ pub fn cluster_drill(dir: &Path) -> crate::CmdResult {
     );
     c.start_all()?;
     let ms = timed(&c, "first commits", |c| {
-        (0..SHARDS).all(|s| c.leader(s).is_some() && max_commit(c, s) > 50)
+        (0..SHARDS).all(|s| c.leader(s).is_some() && c.max_commit(s) > 50)
     })?;
     println!(
         "{:<52} {ms:>9.1} ms",
         "processes up, leaders elected, 50 commits per shard"
     );
     let victim = c.leader(0).ok_or("shard 0 lost its leader")?;
-    let before: Vec<u64> = (0..SHARDS).map(|s| max_commit(&c, s)).collect();
+    let before: Vec<u64> = (0..SHARDS).map(|s| c.max_commit(s)).collect();
     c.kill9(victim);
     let ms = timed(&c, "new leader", |c| {
-        c.leader(0).is_some_and(|l| l != victim) && max_commit(c, 0) > before[0]
+        c.leader(0).is_some_and(|l| l != victim) && c.max_commit(0) > before[0]
     })?;
     println!(
         "{:<52} {ms:>9.1} ms",
@@ -70,7 +63,7 @@ pub fn cluster_drill(dir: &Path) -> crate::CmdResult {
             c.nodes[victim].id
         )
     );
-    let target: Vec<u64> = (0..SHARDS).map(|s| max_commit(&c, s)).collect();
+    let target: Vec<u64> = (0..SHARDS).map(|s| c.max_commit(s)).collect();
     c.start(victim)?;
     let ms = timed(&c, "catch-up", |c| {
         c.status(victim)

@@ -11,13 +11,6 @@ const ROUNDS: usize = 6;
 /// Generous: two cores run three nodes, their cards and the test.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn max_commit(c: &LocalCluster, shard: u32) -> u64 {
-    (0..c.nodes.len())
-        .filter_map(|i| c.status(i).map(|s| s[shard as usize].commit))
-        .max()
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
     let root = tempfile::tempdir().unwrap();
@@ -34,7 +27,7 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
     c.start_all().unwrap();
     assert!(
         c.wait_for(PROGRESS_TIMEOUT, |c| (0..SHARDS)
-            .all(|s| max_commit(c, s) > 20)),
+            .all(|s| c.max_commit(s) > 20)),
         "the cluster never committed"
     );
     for round in 0..ROUNDS {
@@ -43,11 +36,11 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
         } else {
             round % 3
         };
-        let before: Vec<u64> = (0..SHARDS).map(|s| max_commit(&c, s)).collect();
+        let before: Vec<u64> = (0..SHARDS).map(|s| c.max_commit(s)).collect();
         c.kill9(victim);
         assert!(
             c.wait_for(PROGRESS_TIMEOUT, |c| (0..SHARDS)
-                .all(|s| max_commit(c, s) > before[s as usize] + 10)),
+                .all(|s| c.max_commit(s) > before[s as usize] + 10)),
             "round {round}: no progress without node {}",
             c.nodes[victim].id
         );
