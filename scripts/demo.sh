@@ -4,7 +4,7 @@
 # the WBL on every core, SIGKILLs the writer, reopens and prints what recovery found and took;
 # then the snapshot drill: shards applying masked-key records with rolling card-MACed snapshots
 # are SIGKILLed and recover from their newest verified snapshot plus the log, timed per phase.
-# Later issues grow it into a 3-node cluster and a disaster-recovery drill.
+# Then a 3-node keyfortd cluster (one card each): the leader is SIGKILLed; failover and catch-up are timed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
