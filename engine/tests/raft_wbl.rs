@@ -1,11 +1,13 @@
 //! One shard's raft group on real logs: three replicas in one executor, each on its own WBL
 //! (direct I/O, group commit), messages between them on an in-memory network. Proposals commit
 //! and apply everywhere with the same state; a full restart recovers every replica from its
-//! log alone and the group goes on; a read index is served once applied.
+//! log alone and the group goes on; a read index is served once applied; compaction under
+//! replication writes card-MACed snapshots that the restart then starts from.
+
+mod state_common;
 
 use keyfort_engine::raft::{Replica, Transport};
 use keyfort_engine::recovery::open_and_recover;
-use keyfort_engine::snapshot::FooterMac;
 use keyfort_engine::state::Op;
 use keyfort_engine::wbl::WblOptions;
 use keyfort_hsm::PartitionId;
@@ -18,18 +20,6 @@ use std::time::Duration;
 
 const IDS: [u64; 3] = [1, 2, 3];
 const TICK: Duration = Duration::from_millis(10);
-
-/// No snapshot is written in these tests, so no footer MAC is ever made or checked.
-struct NoSnapshots;
-
-impl FooterMac for NoSnapshots {
-    fn mac(&self, _: &[u8]) -> keyfort_hsm::Result<[u8; 32]> {
-        unreachable!("no snapshot is written")
-    }
-    fn verify(&self, _: &[u8], _: &[u8]) -> keyfort_hsm::Result<()> {
-        unreachable!("no snapshot is read")
-    }
-}
 
 #[derive(Default)]
 struct Net {
@@ -65,15 +55,10 @@ async fn open_all(root: &Path, net: &Rc<Net>) -> Vec<Rc<Replica>> {
     for id in IDS {
         let dir = root.join(format!("n{id}"));
         std::fs::create_dir_all(dir.join("snap")).unwrap();
-        let start = open_and_recover(
-            &dir.join("snap"),
-            &dir.join("wbl"),
-            opts(),
-            &NoSnapshots,
-            1 << 20,
-        )
-        .await
-        .unwrap();
+        let card = state_common::card::session();
+        let start = open_and_recover(&dir.join("snap"), &dir.join("wbl"), opts(), &card, 1 << 20)
+            .await
+            .unwrap();
         let r = Replica::open(id, 0, start, &bootstrap, Rc::new(To(net.clone())), false)
             .await
             .unwrap();
@@ -168,6 +153,58 @@ fn proposals_commit_on_every_log_and_survive_a_full_restart() {
         assert_eq!(
             rs[1].with_core(|c| c.state_machine().partitions().count()),
             400
+        );
+        for r in &rs {
+            r.close().await.unwrap();
+        }
+    })
+    .unwrap();
+}
+
+#[test]
+fn compaction_under_replication_and_restart_from_the_snapshots() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().to_path_buf();
+    keyfort_engine::exec::run_local(root.path(), |_| async move {
+        let card = state_common::card::session();
+        let cfg = keyfort_engine::compaction::CompactionConfig::default();
+        let net = Rc::new(Net::default());
+        let rs = open_all(&path, &net).await;
+        let l = leader(&rs).await;
+        propose_many(&l, 0, 200).await;
+        converge(&rs).await;
+        for (r, id) in rs.iter().zip(IDS) {
+            let dir = path.join(format!("n{id}/snap"));
+            let rep = r
+                .compact(&dir, &card, &cfg)
+                .await
+                .unwrap()
+                .expect("not joint");
+            assert!(rep.lsn >= 200);
+        }
+        // Applies go on into the fresh memtable over the snapshot.
+        propose_many(&l, 200, 100).await;
+        let before = converge(&rs).await;
+        for r in &rs {
+            r.close().await.unwrap();
+        }
+        let net = Rc::new(Net::default());
+        let rs = open_all(&path, &net).await;
+        for r in &rs {
+            r.with_core(|c| {
+                assert!(
+                    c.state_machine().base().is_some(),
+                    "restarted from a snapshot"
+                );
+                assert_eq!(c.state_machine().digest().0, before);
+            });
+        }
+        let l = leader(&rs).await;
+        propose_many(&l, 300, 50).await;
+        converge(&rs).await;
+        assert_eq!(
+            rs[2].with_core(|c| c.state_machine().partitions().count()),
+            350
         );
         for r in &rs {
             r.close().await.unwrap();

@@ -8,6 +8,7 @@
 
 use crate::cluster_cmd::{hex, shard_snapshot_dir, shard_wbl_dir};
 use keyfort_engine::cluster::{read_cluster_config, read_identity, ClusterConfig, Identity};
+use keyfort_engine::compaction::CompactionConfig;
 use keyfort_engine::raft::{Replica, Transport};
 use keyfort_engine::recovery::open_and_recover;
 use keyfort_engine::state::Op;
@@ -56,6 +57,10 @@ pub struct NodeConfig {
     /// Synthetic proposals completed in the first this-many milliseconds are not recorded.
     #[serde(default)]
     pub synthetic_warmup_ms: u64,
+    /// Records applied past the newest snapshot that trigger a compaction (default
+    /// `compaction::COMPACTION_RECORDS_THRESHOLD`).
+    #[serde(default)]
+    pub compaction_records: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,11 +115,16 @@ pub fn run(config_path: &Path) -> crate::CmdResult {
     }
     std::env::set_var(keyfort_hsm::pin::USER_PIN_FILE_ENV, &cfg.card.pin_file);
     let data_dir = cfg.data_dir.clone();
-    keyfort_engine::exec::run_local(&data_dir, move |_| node(cfg, id, cluster))
+    keyfort_engine::exec::run_local(&data_dir, move |q| node(cfg, id, cluster, q))
         .map_err(|e| e.to_string())?
 }
 
-async fn node(cfg: NodeConfig, id: Identity, cluster: ClusterConfig) -> crate::CmdResult {
+async fn node(
+    cfg: NodeConfig,
+    id: Identity,
+    cluster: ClusterConfig,
+    queues: keyfort_engine::exec::Queues,
+) -> crate::CmdResult {
     let t0 = Instant::now();
     let card = crate::card::open(&cfg.card.token_dir, &cfg.card.label)?;
     let mut session = card.session().map_err(|e| e.to_string())?;
@@ -180,6 +190,20 @@ async fn node(cfg: NodeConfig, id: Identity, cluster: ClusterConfig) -> crate::C
         .map_err(|e| format!("shard {shard}: {e}"))?;
         replicas.borrow_mut().push(r.clone());
         glommio::spawn_local(r.clone().run_ticker(Duration::from_millis(cfg.tick_ms))).detach();
+        let compaction = CompactionConfig {
+            records_threshold: cfg
+                .compaction_records
+                .unwrap_or(CompactionConfig::default().records_threshold),
+            ..CompactionConfig::default()
+        };
+        let mac: Rc<dyn keyfort_engine::snapshot::FooterMac> = session.clone();
+        glommio::spawn_local_into(
+            r.clone()
+                .run_compactor(shard_snapshot_dir(&cfg.data_dir, shard), mac, compaction),
+            queues.background,
+        )
+        .map_err(|e| e.to_string())?
+        .detach();
         if cfg.synthetic_in_flight > 0 {
             glommio::spawn_local(synthetic_load(
                 r,

@@ -1,13 +1,16 @@
 //! Real `keyfortd` processes on 127.0.0.1, each with its own SoftHSM card, talking over the
 //! authenticated peer transport: a 3-node cluster keeps committing through SIGKILL of any node,
 //! the leader included, again and again; every acknowledged proposal is in a majority of the
-//! logs at the end, with the term it was acknowledged in.
+//! logs at the end, with the term it was acknowledged in. Every node compacts its shards into
+//! snapshots meanwhile (and is sometimes killed mid-compaction) and restarts from them.
 
 use keyfort_bench::local_cluster::LocalCluster;
 use std::time::Duration;
 
 const SHARDS: u32 = 2;
 const ROUNDS: usize = 6;
+/// Records past the snapshot that trigger a compaction on every node.
+const COMPACTION_RECORDS: u64 = 300;
 /// Generous: two cores run three nodes, their cards and the test.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -24,6 +27,9 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
         50,
     )
     .unwrap();
+    // Small, so every node compacts (and is sometimes killed while compacting) in the test.
+    c.configure(|v| v["compaction_records"] = serde_json::json!(COMPACTION_RECORDS))
+        .unwrap();
     c.start_all().unwrap();
     assert!(
         c.wait_for(PROGRESS_TIMEOUT, |c| (0..SHARDS)
@@ -69,5 +75,11 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
             "shard {shard}: only {acked} proposals acknowledged"
         );
         eprintln!("shard {shard}: {acked} acknowledged proposals, all in a majority of logs");
+        for n in &c.nodes {
+            let snaps = std::fs::read_dir(n.data_dir.join(format!("shard-{shard}/snap")))
+                .unwrap()
+                .count();
+            assert!(snaps > 0, "node {} never compacted shard {shard}", n.id);
+        }
     }
 }

@@ -21,7 +21,9 @@ use crate::state::{ApplyResult, Checkpoint, Op, StateDigest, StateMachine};
 use crate::wbl::RecordKind;
 use raft::eraftpb::{ConfChangeV2, ConfState, Message};
 use raft::{Config, RawNode, ReadOnlyOption, StateRole};
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
@@ -107,7 +109,8 @@ struct AfterPersist {
 
 pub struct ShardCore<S: LogStore> {
     node: RawNode<S>,
-    sm: StateMachine,
+    /// Shared with compaction, which freezes, installs and thaws layers between applies.
+    sm: Rc<RefCell<StateMachine>>,
     shard: u32,
     after_persist: VecDeque<AfterPersist>,
     /// (lsn, digest after applying it), ascending, at most [`DIGEST_HISTORY`].
@@ -138,7 +141,7 @@ impl<S: LogStore> ShardCore<S> {
         digests.push_back((sm.lsn_applied(), sm.digest()));
         Ok(ShardCore {
             node,
-            sm,
+            sm: Rc::new(RefCell::new(sm)),
             shard: cfg.shard,
             after_persist: VecDeque::new(),
             digests,
@@ -178,15 +181,20 @@ impl<S: LogStore> ShardCore<S> {
     }
 
     pub fn applied(&self) -> u64 {
-        self.sm.lsn_applied()
+        self.sm.borrow().lsn_applied()
     }
 
     pub fn conf_state(&self) -> ConfState {
         self.node.raft.prs().conf().to_conf_state()
     }
 
-    pub fn state_machine(&self) -> &StateMachine {
-        &self.sm
+    pub fn state_machine(&self) -> std::cell::Ref<'_, StateMachine> {
+        self.sm.borrow()
+    }
+
+    /// The state machine itself, for compaction (`compaction::compact`).
+    pub fn state_handle(&self) -> Rc<RefCell<StateMachine>> {
+        self.sm.clone()
     }
 
     /// The raft-rs node, read-only (status, progress, diagnostics).
@@ -247,11 +255,11 @@ impl<S: LogStore> ShardCore<S> {
         mac: impl FnOnce(&[u8]) -> [u8; 32],
     ) -> Result<(u64, u64), ProposeError> {
         self.check_leader()?;
-        let lsn = self.sm.lsn_applied();
+        let lsn = self.sm.borrow().lsn_applied();
         let mut c = Checkpoint {
             lsn_covered: lsn,
             chain_head: self.node.store().chain_at(lsn).unwrap_or(0),
-            digest: self.sm.digest().to_bytes(),
+            digest: self.sm.borrow().digest().to_bytes(),
             mac: [0; 32],
         };
         let unsigned = Op::Checkpoint(c.clone()).encode();
@@ -377,7 +385,7 @@ impl<S: LogStore> ShardCore<S> {
                 let cc = decode_conf_change(kind == RecordKind::RaftConfChangeV2, index, payload)?;
                 let conf = self.node.apply_conf_change(&cc)?;
                 self.node.mut_store().set_conf_state(index, conf.clone());
-                self.sm.apply(index, kind, payload)?;
+                self.sm.borrow_mut().apply(index, kind, payload)?;
                 self.events.push(Event::ConfChanged {
                     index,
                     term: e.term,
@@ -385,7 +393,7 @@ impl<S: LogStore> ShardCore<S> {
                 });
             }
             _ => {
-                let result = self.sm.apply(index, kind, payload)?;
+                let result = self.sm.borrow_mut().apply(index, kind, payload)?;
                 if kind == RecordKind::Checkpoint {
                     self.check_checkpoint(payload);
                 }
@@ -400,7 +408,7 @@ impl<S: LogStore> ShardCore<S> {
         if self.digests.len() == DIGEST_HISTORY {
             self.digests.pop_front();
         }
-        self.digests.push_back((index, self.sm.digest()));
+        self.digests.push_back((index, self.sm.borrow().digest()));
         Ok(())
     }
 

@@ -19,6 +19,13 @@ use std::time::Duration;
 pub const TICK: Duration = Duration::from_millis(100);
 /// Most proposals of one replica waiting for their apply.
 pub const MAX_PENDING_PROPOSALS: usize = 65536;
+/// Log entries always kept below the applied index at a compaction (followers a little behind
+/// catch up from the log).
+pub const RETAIN_LOG_ENTRIES_MIN: u64 = 10_000;
+/// Most log entries kept for a lagging follower; beyond, it needs a snapshot.
+pub const RETAIN_LOG_ENTRIES_MAX: u64 = 1_000_000;
+/// How often the compactor checks how far the state is past its snapshot.
+pub const COMPACTION_CHECK: Duration = Duration::from_secs(1);
 /// Most reads of one replica waiting for their read index.
 pub const MAX_PENDING_READS: usize = 65536;
 
@@ -162,6 +169,77 @@ impl Replica {
         };
         let core = ShardCore::new(&cfg, store, local.state)?;
         Ok(Replica::new(core, transport, keep_events))
+    }
+
+    /// Compacts the shard into a new snapshot file in `dir` (rolling compaction: the memtable is
+    /// frozen, merged with the base file off the executor, MACed in the card, installed) and
+    /// releases the log below what raft may still need: at least [`RETAIN_LOG_ENTRIES_MIN`]
+    /// entries, and on the leader everything a follower still lacks, up to
+    /// [`RETAIN_LOG_ENTRIES_MAX`] (beyond it a follower needs a snapshot). Skipped in a joint
+    /// configuration (a footer names no outgoing voters).
+    pub async fn compact(
+        self: &Rc<Self>,
+        dir: &std::path::Path,
+        mac: &dyn crate::snapshot::FooterMac,
+        cfg: &crate::compaction::CompactionConfig,
+    ) -> Result<Option<crate::compaction::CompactionReport>, crate::recovery::RecoveryError> {
+        let (state, wbl, ctx) = {
+            let c = self.core.borrow();
+            let conf = c.conf_state();
+            if !conf.voters_outgoing.is_empty() {
+                return Ok(None);
+            }
+            let applied = c.applied();
+            let floor = applied.saturating_sub(RETAIN_LOG_ENTRIES_MAX);
+            let mut retain = applied.saturating_sub(RETAIN_LOG_ENTRIES_MIN);
+            if c.is_leader() {
+                for (id, pr) in c.raw_node().raft.prs().iter() {
+                    if *id != c.id() {
+                        retain = retain.min(pr.matched + 1);
+                    }
+                }
+            }
+            let ctx = crate::compaction::CompactionContext {
+                voters: conf.voters.clone(),
+                learners: conf.learners.clone(),
+                retain_from: Some(retain.max(floor).max(1)),
+            };
+            (c.state_handle(), c.store().wbl().clone(), ctx)
+        };
+        let report = crate::compaction::compact(dir, &state, &wbl, ctx, mac, cfg).await?;
+        self.core.borrow_mut().store_mut().on_released();
+        Ok(Some(report))
+    }
+
+    /// Compacts whenever [`Self::applied`] is `cfg.records_threshold` past the newest snapshot;
+    /// a failed compaction is logged and retried at the next check (the state is unchanged).
+    pub async fn run_compactor(
+        self: Rc<Self>,
+        dir: std::path::PathBuf,
+        mac: Rc<dyn crate::snapshot::FooterMac>,
+        cfg: crate::compaction::CompactionConfig,
+    ) {
+        while self.failed().is_none() {
+            glommio::timer::sleep(COMPACTION_CHECK).await;
+            let (applied, base) = self.with_core(|c| {
+                let base = c.state_machine().base().map_or(0, |b| b.lsn());
+                (c.applied(), base)
+            });
+            if applied < base + cfg.records_threshold {
+                continue;
+            }
+            match self.compact(&dir, &*mac, &cfg).await {
+                Ok(Some(r)) => tracing::info!(
+                    shard = self.with_core(|c| c.shard()),
+                    lsn = r.lsn,
+                    wbl_first_lsn = r.wbl_first_lsn,
+                    ms = r.duration.as_secs_f64() * 1e3,
+                    "shard compacted"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "compaction failed; retried later"),
+            }
+        }
     }
 
     /// Stops the replica (waiters get `Stopped`) and closes its log.

@@ -124,6 +124,18 @@ impl WblStore {
         }
     }
 
+    /// After a release of the log's prefix (compaction): raft's log now starts where the WBL
+    /// does when the term below it is known, else stays at the last known base.
+    pub fn on_released(&mut self) {
+        let first = self.wbl.first_lsn();
+        if let Some(t) = self.wbl.base_term() {
+            if first > self.base.0 + 1 {
+                self.base = (first - 1, t);
+            }
+        }
+        self.fetched.retain(|&i, _| i >= first);
+    }
+
     fn first(&self) -> u64 {
         (self.base.0 + 1).max(self.wbl.first_lsn())
     }

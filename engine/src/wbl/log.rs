@@ -63,6 +63,9 @@ struct Active {
 struct State {
     first_lsn: u64,
     base_chain: u64,
+    /// Term of the record just below `first_lsn`, when this process released it (unknown after
+    /// a reopen: segment headers do not carry it).
+    base_term: Option<u64>,
     /// What the disk holds (after applying suffix overwrites), LSN `first_lsn + i`.
     index: VecDeque<IndexEntry>,
     /// Enqueued but not yet durable LSNs from `tail_start`; sequence numbers increase with LSN.
@@ -325,6 +328,7 @@ impl Wbl {
         Ok(State {
             first_lsn: rec.first_lsn,
             base_chain: rec.base_chain,
+            base_term: None,
             index: rec.index.clone(),
             tail: VecDeque::new(),
             tail_start: last_lsn + 1,
@@ -521,6 +525,11 @@ impl Wbl {
         self.inner.st.borrow().entry_at(lsn).map(|(t, _)| t)
     }
 
+    /// Term of the record at `first_lsn() - 1`, when this process released it.
+    pub fn base_term(&self) -> Option<u64> {
+        self.inner.st.borrow().base_term
+    }
+
     /// Chain head after `lsn` (`first_lsn() - 1` gives the segment chain seed).
     pub fn chain_at(&self, lsn: u64) -> Option<u64> {
         self.inner.st.borrow().chain_at(lsn)
@@ -637,6 +646,7 @@ impl Wbl {
         let (first, seed) = (next.first_lsn, next.chain_seed);
         let gone = st.segs.pop_front().expect("checked above");
         let drop = (first - st.first_lsn) as usize;
+        st.base_term = st.index.get(drop - 1).map(|e| e.term);
         st.index.drain(..drop);
         st.first_lsn = first;
         st.base_chain = seed;
