@@ -4,4 +4,5 @@
 
 pub mod frame;
 pub mod peer;
+pub mod snapshot_stream;
 pub mod transport;

@@ -17,13 +17,24 @@
 //! [`RECONNECT_BACKOFF_MAX`]) and redials; messages queued meanwhile stay, bounded.
 //!
 //! **Inbound.** Each accepted connection runs the listener handshake (a node id in the peer table
-//! is a member; any other is refused). A node that authenticates while it already has an inbound
-//! connection *replaces* it: the old one is closed (after authentication only, so a stranger
-//! cannot evict a peer), because the dialer reconnecting means its old connection is dead to it,
-//! even where this side has not noticed (a half-open TCP connection). After the handshake only
-//! `PEER_RAFT_BATCH` frames are accepted; a bad frame, an undecodable batch or message, a message
-//! whose `from` is not the authenticated node, or another opcode closes that connection (logged
-//! and counted) and nothing else. The read buffer holds at most one frame
+//! is a member; any other is refused). The first frame after the handshake fixes the
+//! connection's *role* for its life:
+//!
+//! - `PEER_RAFT_BATCH`: a **raft connection**. A node whose raft connection starts while it
+//!   already has one *replaces* it: the old one is closed (after authentication and the first
+//!   batch only, so neither a stranger nor the same node's snapshot fetch can evict a peer),
+//!   because the dialer reconnecting means its old connection is dead to it, even where this side
+//!   has not noticed (a half-open TCP connection). Only `PEER_RAFT_BATCH` frames are accepted on
+//!   it; a bad frame, an undecodable batch or message, a message whose `from` is not the
+//!   authenticated node, or another opcode closes that connection (logged and counted) and
+//!   nothing else.
+//! - `PEER_SNAPSHOT_CHUNK_REQUEST`: a **snapshot connection** (docs/format.md §6.11,
+//!   [`crate::snapshot_stream`]): only chunk requests are accepted on it, each answered in order
+//!   by one `PEER_SNAPSHOT_CHUNK` (or an error frame); it replaces nothing, and any number of
+//!   them may run beside the node's raft connection. Snapshots are served once
+//!   [`PeerTransport::serve_snapshots`] installed a resolver.
+//!
+//! The read buffer holds at most one frame
 //! ([`MAX_FRAME_PAYLOAD_BYTES`], checked from the header before the payload is read) plus one
 //! read.
 //!
@@ -36,9 +47,10 @@ use crate::frame::{self, Frame, FrameError, FrameHeader, FRAME_HEADER_BYTES};
 pub use crate::peer::MAX_RAFT_BATCH_MESSAGES;
 use crate::peer::{
     decode_raft_batch, encode_raft_batch, new_challenge, Admission, Dialer, Listener, PeerError,
-    PeerIdentity, Prover, Step, PEER_RAFT_BATCH, RAFT_BATCH_HEADER_LEN,
-    RAFT_BATCH_MESSAGE_OVERHEAD,
+    PeerIdentity, Prover, Step, PEER_RAFT_BATCH, PEER_SNAPSHOT_CHUNK_REQUEST,
+    RAFT_BATCH_HEADER_LEN, RAFT_BATCH_MESSAGE_OVERHEAD,
 };
+use crate::snapshot_stream::{ServeFaults, SnapshotResolver, SnapshotServer};
 use futures_lite::future::{or, poll_fn};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
@@ -123,6 +135,14 @@ pub struct TransportStats {
     pub replaced_connections: u64,
     /// Accepted connections closed at once because [`MAX_INBOUND_HANDSHAKES`] were pending.
     pub refused_connections: u64,
+    /// Inbound connections that became snapshot connections (their first frame a chunk request).
+    pub snapshot_connections: u64,
+    /// `PEER_SNAPSHOT_CHUNK` frames served (error frames not included).
+    pub snapshot_chunks_served: u64,
+    /// Snapshot data bytes served.
+    pub snapshot_bytes_served: u64,
+    /// Chunk requests answered with an error frame (unknown snapshot, out of range, read error).
+    pub snapshot_errors_served: u64,
 }
 
 /// A one-shot event many tasks can wait for.
@@ -183,7 +203,7 @@ struct PeerQueue {
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
-enum ConnError {
+pub(crate) enum ConnError {
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
     #[error("connection closed by the peer")]
@@ -211,7 +231,7 @@ impl From<glommio::GlommioError<()>> for ConnError {
 }
 
 /// Reads frames off a socket into a buffer that holds at most one frame plus one read.
-struct FrameReader {
+pub(crate) struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     consumed: usize,
@@ -219,7 +239,7 @@ struct FrameReader {
 }
 
 impl FrameReader {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         FrameReader {
             buf: Vec::new(),
             start: 0,
@@ -229,7 +249,7 @@ impl FrameReader {
     }
 
     /// The next frame's header; its payload is [`FrameReader::payload`] until the next call.
-    async fn next(&mut self, s: &mut TcpStream) -> Result<FrameHeader, ConnError> {
+    pub(crate) async fn next(&mut self, s: &mut TcpStream) -> Result<FrameHeader, ConnError> {
         self.start += std::mem::take(&mut self.consumed);
         loop {
             match frame::decode(&self.buf[self.start..])? {
@@ -256,13 +276,13 @@ impl FrameReader {
         }
     }
 
-    fn payload(&self) -> &[u8] {
+    pub(crate) fn payload(&self) -> &[u8] {
         &self.buf[self.payload.0..self.payload.1]
     }
 }
 
 /// Runs `f`, failing with `Timeout(what)` after `d`.
-async fn within<T>(
+pub(crate) async fn within<T>(
     d: Duration,
     what: &'static str,
     f: impl Future<Output = Result<T, ConnError>>,
@@ -274,7 +294,7 @@ async fn within<T>(
     .await
 }
 
-async fn write_out(s: &mut TcpStream, out: &mut Vec<u8>) -> Result<(), ConnError> {
+pub(crate) async fn write_out(s: &mut TcpStream, out: &mut Vec<u8>) -> Result<(), ConnError> {
     if !out.is_empty() {
         s.write_all(out).await?;
         s.flush().await?;
@@ -309,6 +329,8 @@ pub struct PeerTransport {
     closed: Cell<bool>,
     shutdown: Signal,
     stats: RefCell<TransportStats>,
+    /// The snapshot-serving side (resolver and test faults).
+    snapshots: SnapshotServer,
 }
 
 impl PeerTransport {
@@ -334,6 +356,7 @@ impl PeerTransport {
             closed: Cell::new(false),
             shutdown: Signal::default(),
             stats: RefCell::new(TransportStats::default()),
+            snapshots: SnapshotServer::default(),
         })
     }
 
@@ -364,7 +387,22 @@ impl PeerTransport {
         *self.stats.borrow()
     }
 
-    fn bump(&self, f: impl FnOnce(&mut TransportStats)) {
+    /// Serves snapshot files to authenticated peers from now on: a chunk request for (shard, lsn,
+    /// term) reads the file `resolver` names (`None`: the snapshot is unknown, answered with
+    /// [`crate::snapshot_stream::error_code::UNKNOWN_SNAPSHOT`]). Replaces an earlier resolver;
+    /// until one is installed every chunk request is answered with `NOT_SERVING`. The file must
+    /// stay in place (unchanged) while it may be fetched. See docs/format.md §6.11.
+    pub fn serve_snapshots(&self, resolver: SnapshotResolver) {
+        self.snapshots.set_resolver(resolver);
+    }
+
+    /// **Test only**: faults the snapshot server injects (each once); see [`ServeFaults`].
+    /// Replaces earlier faults, armed or not.
+    pub fn set_serve_faults(&self, faults: ServeFaults) {
+        self.snapshots.set_faults(faults);
+    }
+
+    pub(crate) fn bump(&self, f: impl FnOnce(&mut TransportStats)) {
         f(&mut self.stats.borrow_mut());
     }
 
@@ -458,16 +496,48 @@ impl PeerTransport {
             ?remote,
             "inbound peer connected"
         );
+        // The first frame fixes the connection's role (module docs).
+        let first = match reader.next(&mut stream).await {
+            Ok(h) => h,
+            Err(e) => {
+                debug!(node = self.me.node_id, peer, error = %e, "inbound peer closed before a frame");
+                return;
+            }
+        };
+        if first.opcode == PEER_SNAPSHOT_CHUNK_REQUEST {
+            self.bump(|s| s.snapshot_connections += 1);
+            let r = self
+                .snapshots
+                .serve(&self, &mut stream, &mut reader, peer, first)
+                .await;
+            match r {
+                Ok(()) => debug!(node = self.me.node_id, peer, "snapshot connection ended"),
+                Err(ConnError::Eof) => {
+                    debug!(node = self.me.node_id, peer, "snapshot fetcher closed")
+                }
+                Err(e @ (ConnError::Io(_) | ConnError::Timeout(_))) => {
+                    debug!(node = self.me.node_id, peer, error = %e, "snapshot connection failed")
+                }
+                Err(e) => {
+                    self.bump(|s| s.protocol_errors += 1);
+                    warn!(node = self.me.node_id, peer, error = %e, "closing snapshot connection");
+                }
+            }
+            return;
+        }
         let mine = Rc::new(Signal::default());
         let old = self.inbound.borrow_mut().insert(peer, (conn, mine.clone()));
         if let Some((_, old)) = old {
             self.bump(|s| s.replaced_connections += 1);
             old.fire();
         }
-        let r = or(self.read_batches(&mut stream, &mut reader, peer), async {
-            mine.wait().await;
-            Ok(())
-        })
+        let r = or(
+            self.read_batches(&mut stream, &mut reader, peer, first),
+            async {
+                mine.wait().await;
+                Ok(())
+            },
+        )
         .await;
         {
             let mut inbound = self.inbound.borrow_mut();
@@ -526,9 +596,14 @@ impl PeerTransport {
         stream: &mut TcpStream,
         reader: &mut FrameReader,
         peer: u64,
+        first: FrameHeader,
     ) -> Result<(), ConnError> {
+        let mut next = Some(first);
         loop {
-            let header = reader.next(stream).await?;
+            let header = match next.take() {
+                Some(h) => h,
+                None => reader.next(stream).await?,
+            };
             if header.opcode != PEER_RAFT_BATCH {
                 return Err(ConnError::Opcode(header.opcode));
             }
@@ -622,7 +697,8 @@ impl PeerTransport {
         );
     }
 
-    async fn dial(&self, peer: u64, addr: SocketAddr) -> Result<TcpStream, ConnError> {
+    /// Connects to `peer` at `addr` and runs the dialer handshake (counted in the stats).
+    pub(crate) async fn dial(&self, peer: u64, addr: SocketAddr) -> Result<TcpStream, ConnError> {
         let mut stream = match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await {
             Ok(s) => s,
             Err(e) => {
