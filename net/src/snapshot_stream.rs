@@ -820,6 +820,8 @@ async fn finish(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    // Absolute: glommio 0.9 opens a relative directory path against fd -1 (EBADF).
+    let dir = std::path::absolute(&dir).map_err(|e| io_err(&dir, e))?;
     let d = Directory::open(&dir)
         .await
         .map_err(|e| io_err(&dir, e.into()))?;
