@@ -16,7 +16,9 @@
 //! **Fetcher.** [`fetch_snapshot`] dials the peer on its *own* connection (the transport's
 //! handshake, prover and identity), asks for the first chunk (which tells the file size), then
 //! keeps [`STREAM_WINDOW_CHUNKS`] requests of [`STREAM_CHUNK_BYTES`] in flight, writing each
-//! verified chunk into `dest` + [`PARTIAL_SUFFIX`]. Every chunk's crc32c, identity (shard, lsn,
+//! verified chunk into `dest` + [`PARTIAL_SUFFIX`] with O_DIRECT (glommio `DmaFile`, at most
+//! [`MAX_WRITES_IN_FLIGHT`] writes in flight while it goes on receiving; the last chunk is
+//! padded to the alignment and the file truncated to its size at the end). Every chunk's crc32c, identity (shard, lsn,
 //! term), offset, length and the file size are checked; a corrupt chunk is refused and asked for
 //! again (at most [`MAX_CHUNK_RETRIES`] times per chunk). A broken connection (I/O error, EOF,
 //! no answer within [`CHUNK_RESPONSE_TIMEOUT`]) is redialed with backoff
@@ -32,7 +34,7 @@ use crate::peer::{
 };
 use crate::transport::{within, write_out, ConnError, FrameReader, PeerTransport, WRITE_TIMEOUT};
 use futures_lite::AsyncWriteExt;
-use glommio::io::{BufferedFile, Directory};
+use glommio::io::{BufferedFile, Directory, DmaFile};
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
@@ -65,6 +67,8 @@ pub const RESUME_BACKOFF_MAX: Duration = Duration::from_secs(1);
 pub const CHUNK_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a snapshot connection may sit without a request before the server closes it.
 pub const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most chunk writes the fetcher keeps in flight to its disk while it goes on receiving.
+pub const MAX_WRITES_IN_FLIGHT: usize = 4;
 /// Appended to `dest` for the file being written.
 pub const PARTIAL_SUFFIX: &str = ".partial";
 /// Bytes of an error payload: code (u16 LE), detail (u64 LE).
@@ -450,10 +454,13 @@ struct Transfer<'a> {
     lsn: u64,
     term: u64,
     partial: &'a Path,
-    file: &'a BufferedFile,
+    file: &'a Rc<DmaFile>,
+    /// Chunk writes in flight: (offset, bytes written with the padding, the write).
+    writes: VecDeque<(u64, usize, glommio::Task<io::Result<usize>>)>,
     /// The file size, once the first chunk told it.
     total: Option<u64>,
-    /// Bytes `[0, prefix)` are verified and written.
+    /// Bytes `[0, prefix)` are verified and written or being written (a failed write ends the
+    /// transfer, so a resume never needs them again).
     prefix: u64,
     /// Verified chunks beyond the prefix: offset → length.
     ahead: BTreeMap<u64, u64>,
@@ -469,6 +476,33 @@ impl Transfer<'_> {
             path: self.partial.to_path_buf(),
             source: source.into(),
         }
+    }
+
+    /// Waits for the oldest write in flight; a failed or short write is fatal.
+    async fn reap_write(&mut self) -> Result<(), StreamError> {
+        let Some((offset, len, task)) = self.writes.pop_front() else {
+            return Ok(());
+        };
+        match task.await {
+            Ok(n) if n == len => Ok(()),
+            Ok(n) => Err(self.io(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short write at {offset}: {n} of {len} bytes"),
+            ))),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    /// Waits for every write in flight.
+    async fn drain_writes(&mut self) -> Result<(), StreamError> {
+        let mut first = Ok(());
+        while !self.writes.is_empty() {
+            let r = self.reap_write().await;
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 
     fn done(&self) -> bool {
@@ -636,20 +670,23 @@ impl Transfer<'_> {
                 c.data.len()
             )));
         }
-        // write_at owns its buffer: one copy out of the read buffer (more only on a short write).
-        let mut written = 0usize;
-        while written < c.data.len() {
-            let n = self
-                .file
-                .write_at(c.data[written..].to_vec(), offset + written as u64)
-                .await
-                .map_err(|e| ConnEnd::Fatal(self.io(e)))?;
-            if n == 0 {
-                return Err(ConnEnd::Fatal(
-                    self.io(io::Error::from(io::ErrorKind::WriteZero)),
-                ));
+        if want > 0 {
+            // O_DIRECT from an aligned buffer (no page-cache copy): one copy out of the read
+            // buffer; the last chunk is zero-padded to the alignment and the file truncated to
+            // its size at the end.
+            let padded = self.file.align_up(want) as usize;
+            let mut buf = self.file.alloc_dma_buffer(padded);
+            let bytes = buf.as_bytes_mut();
+            bytes[..c.data.len()].copy_from_slice(c.data);
+            bytes[c.data.len()..].fill(0);
+            let f = self.file.clone();
+            let task = glommio::spawn_local(async move {
+                f.write_at(buf, offset).await.map_err(io::Error::from)
+            });
+            self.writes.push_back((offset, padded, task));
+            while self.writes.len() > MAX_WRITES_IN_FLIGHT {
+                self.reap_write().await.map_err(ConnEnd::Fatal)?;
             }
-            written += n;
         }
         self.report.chunks += 1;
         if offset == self.prefix {
@@ -683,9 +720,11 @@ pub async fn fetch_snapshot(
         path: path.to_path_buf(),
         source: e,
     };
-    let file = BufferedFile::create(&partial)
-        .await
-        .map_err(|e| io_err(&partial, e.into()))?;
+    let file = Rc::new(
+        DmaFile::create(&partial)
+            .await
+            .map_err(|e| io_err(&partial, e.into()))?,
+    );
     let mut t = Transfer {
         peer: from,
         shard,
@@ -693,6 +732,7 @@ pub async fn fetch_snapshot(
         term,
         partial: &partial,
         file: &file,
+        writes: VecDeque::new(),
         total: None,
         prefix: 0,
         ahead: BTreeMap::new(),
@@ -701,6 +741,9 @@ pub async fn fetch_snapshot(
         report: FetchReport::default(),
     };
     let r = transfer(transport, &mut t).await;
+    // Every write ends before the file is finished or removed.
+    let drained = t.drain_writes().await;
+    let r = r.and(drained);
     let mut report = t.report;
     let r = match r {
         Ok(()) => {
@@ -715,7 +758,7 @@ pub async fn fetch_snapshot(
     };
     match r {
         Ok(()) => {
-            let _ = file.close().await;
+            let _ = file.close_rc().await;
             report.elapsed = start.elapsed();
             debug!(peer = from, shard, lsn, term, ?report, "snapshot fetched");
             Ok(report)
@@ -724,7 +767,7 @@ pub async fn fetch_snapshot(
             if let Err(rm) = file.remove().await {
                 warn!(path = %partial.display(), error = %rm, "removing the partial snapshot");
             }
-            let _ = file.close().await;
+            let _ = file.close_rc().await;
             Err(e)
         }
     }
@@ -791,7 +834,7 @@ async fn transfer(transport: &Rc<PeerTransport>, t: &mut Transfer<'_>) -> Result
 
 /// Makes the complete partial file durable as `dest`.
 async fn finish(
-    file: &BufferedFile,
+    file: &DmaFile,
     partial: &Path,
     dest: &Path,
     total: u64,
@@ -800,6 +843,10 @@ async fn finish(
         path: path.to_path_buf(),
         source: e,
     };
+    // Cut the last chunk's alignment padding.
+    file.truncate(total)
+        .await
+        .map_err(|e| io_err(partial, e.into()))?;
     let size = file
         .file_size()
         .await
