@@ -2,6 +2,7 @@
 //! and direct reads. Everything is single-threaded (one glommio executor), so state lives in
 //! a `RefCell` that is never borrowed across an `.await`.
 
+use super::base::{encode_base, BaseState, BASE_FILE, BASE_FILE_BYTES, BASE_TMP_FILE};
 use super::hardstate::{encode_slot, slot_offset, HardState, HardStateSlot, HARDSTATE_FILE};
 use super::record::{
     chain_next, decode_ref, encode_into, encoded_len, Record, RecordKind, RecordRef,
@@ -63,9 +64,12 @@ struct Active {
 struct State {
     first_lsn: u64,
     base_chain: u64,
-    /// Term of the record just below `first_lsn`, when this process released it (unknown after
-    /// a reopen: segment headers do not carry it).
+    /// Term of the record just below `first_lsn`, when this process released it or the log
+    /// starts at its base file (otherwise unknown after a reopen: segment headers do not
+    /// carry it).
     base_term: Option<u64>,
+    /// A `reset_to` is in progress: appends, hard-state writes and releases are refused.
+    resetting: bool,
     /// What the disk holds (after applying suffix overwrites), LSN `first_lsn + i`.
     index: VecDeque<IndexEntry>,
     /// Enqueued but not yet durable LSNs from `tail_start`; sequence numbers increase with LSN.
@@ -243,15 +247,49 @@ async fn create_hard_state(dir: &Path) -> Result<(), WblError> {
     sync_dir(dir).map_err(|e| WblError::io(dir, e))
 }
 
+/// Writes the base file atomically: temp file, fdatasync, rename, directory fsync.
+async fn write_base(dir: &Path, base: &BaseState) -> Result<(), WblError> {
+    let tmp = dir.join(BASE_TMP_FILE);
+    let file = DmaFile::create(&tmp).await.map_err(io_err(&tmp))?;
+    let mut buf = file.alloc_dma_buffer(BASE_FILE_BYTES);
+    encode_base(buf.as_bytes_mut(), base);
+    let n = file.write_at(buf, 0).await.map_err(io_err(&tmp))?;
+    if n != BASE_FILE_BYTES {
+        return Err(WblError::io(
+            &tmp,
+            format!("short write {n} of {BASE_FILE_BYTES}"),
+        ));
+    }
+    file.fdatasync().await.map_err(io_err(&tmp))?;
+    file.close().await.map_err(io_err(&tmp))?;
+    let path = dir.join(BASE_FILE);
+    std::fs::rename(&tmp, &path).map_err(|e| WblError::io(&path, e))?;
+    sync_dir(dir).map_err(|e| WblError::io(dir, e))
+}
+
+/// Clears `State::resetting` however `reset_to` ends.
+struct ResetGuard<'a>(&'a Inner);
+
+impl Drop for ResetGuard<'_> {
+    fn drop(&mut self) {
+        self.0.st.borrow_mut().resetting = false;
+    }
+}
+
 /// Repairs what recovery found (torn tail, unused files) and makes sure a hard state exists.
 async fn repair(dir: &Path, rec: &Recovered) -> Result<(), WblError> {
     if let Some(fix) = &rec.fix {
         apply_fix(dir, fix).await?;
     }
-    for p in &rec.unused {
+    for p in rec.leftovers.iter().chain(&rec.unused) {
         // A file after the last live segment may hold a torn first batch whose epoch was never
         // recorded in a header: it must not be reused under a colliding epoch.
         std::fs::remove_file(p).map_err(|e| WblError::io(p, e))?;
+    }
+    let tmp = dir.join(BASE_TMP_FILE);
+    if tmp.exists() {
+        // A reset that crashed before its rename: the base file was never taken.
+        std::fs::remove_file(&tmp).map_err(|e| WblError::io(&tmp, e))?;
     }
     if rec.hard.is_none() {
         create_hard_state(dir).await?;
@@ -328,7 +366,8 @@ impl Wbl {
         Ok(State {
             first_lsn: rec.first_lsn,
             base_chain: rec.base_chain,
-            base_term: None,
+            base_term: rec.base_term,
+            resetting: false,
             index: rec.index.clone(),
             tail: VecDeque::new(),
             tail_start: last_lsn + 1,
@@ -352,7 +391,10 @@ impl Wbl {
             active,
             prep: None,
             max_epoch: rec.max_epoch,
-            next_seq: rec.max_seq.map_or(0, |s| s + 1),
+            next_seq: rec
+                .max_seq
+                .map_or(0, |s| s + 1)
+                .max(rec.base.map_or(0, |b| b.first_seq)),
             writer: None,
             free: if read_only {
                 Vec::new()
@@ -438,7 +480,8 @@ impl Wbl {
         })
     }
 
-    fn check_append(&self, st: &State, lsn: u64, len: usize) -> Result<(), WblError> {
+    /// The log takes writes: writable, writer alive, not closing, no reset in progress.
+    fn check_writable(&self, st: &State) -> Result<(), WblError> {
         if self.inner.opts.read_only {
             return Err(WblError::ReadOnly);
         }
@@ -448,6 +491,14 @@ impl Wbl {
         if st.closing {
             return Err(WblError::Failed("log closed".into()));
         }
+        if st.resetting {
+            return Err(WblError::Resetting);
+        }
+        Ok(())
+    }
+
+    fn check_append(&self, st: &State, lsn: u64, len: usize) -> Result<(), WblError> {
+        self.check_writable(st)?;
         if len > MAX_PAYLOAD_BYTES {
             return Err(WblError::PayloadTooLarge {
                 len,
@@ -488,6 +539,13 @@ impl Wbl {
         if let Some(e) = &st.failed {
             return Err(WblError::Failed(e.to_string()));
         }
+        if st.resetting {
+            return Err(WblError::Resetting);
+        }
+        Ok(self.enqueue_hard(&mut st, hs))
+    }
+
+    fn enqueue_hard(&self, st: &mut State, hs: HardState) -> Durable {
         st.hard_next = Some(hs);
         st.hard_latest = hs;
         st.hard_req += 1;
@@ -495,10 +553,10 @@ impl Wbl {
         if let Some(w) = st.writer_waker.take() {
             w.wake();
         }
-        Ok(Durable {
+        Durable {
             inner: self.inner.clone(),
             ticket: Ticket::Hard(n),
-        })
+        }
     }
 
     /// The latest hard state set (persisted or about to be).
@@ -525,7 +583,8 @@ impl Wbl {
         self.inner.st.borrow().entry_at(lsn).map(|(t, _)| t)
     }
 
-    /// Term of the record at `first_lsn() - 1`, when this process released it.
+    /// Term of the record at `first_lsn() - 1`, when this process released it or the log
+    /// starts where [`Wbl::reset_to`] put it (also after a reopen).
     pub fn base_term(&self) -> Option<u64> {
         self.inner.st.borrow().base_term
     }
@@ -602,20 +661,34 @@ impl Wbl {
     /// log). The first remaining segment's header gives the new first LSN and chain seed.
     /// Returns the new first LSN.
     pub async fn release_prefix(&self, lsn: u64) -> Result<u64, WblError> {
+        if self.inner.st.borrow().resetting {
+            return Err(WblError::Resetting);
+        }
+        let mut released = Vec::new();
+        while let Some(seg) = self.release_one(lsn) {
+            released.push(seg);
+        }
+        self.retire(released).await?;
+        Ok(self.first_lsn())
+    }
+
+    /// Renames segments no longer in the log to free files (up to the recycle pool) or deletes
+    /// them, then fsyncs the directory. The caller has already removed them from the state.
+    async fn retire(&self, segs: Vec<(u64, PathBuf)>) -> Result<(), WblError> {
+        if segs.is_empty() {
+            return Ok(());
+        }
         // Decide under the borrow; do the renames, unlinks (tens of ms for a 64 MiB file on
         // ext4) and the directory fsync on the blocking pool, off the foreground's core.
-        let mut moves: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
         let mut recycled = self.inner.st.borrow().free.len();
-        while let Some((seq, path)) = self.release_one(lsn) {
+        let mut moves: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
+        for (seq, path) in segs {
             if self.inner.opts.recycle && recycled < RECYCLE_POOL_MAX {
                 moves.push((path, Some(self.inner.dir.join(free_file_name(seq)))));
                 recycled += 1;
             } else {
                 moves.push((path, None));
             }
-        }
-        if moves.is_empty() {
-            return Ok(self.first_lsn());
         }
         let dir = self.inner.dir.clone();
         let moves = crate::exec::spawn_background_blocking(move || -> Result<_, WblError> {
@@ -633,7 +706,114 @@ impl Wbl {
         let mut st = self.inner.st.borrow_mut();
         st.free
             .extend(moves.into_iter().filter_map(|(_, free)| free));
-        Ok(st.first_lsn)
+        Ok(())
+    }
+
+    /// Starts the log over at a snapshot position: afterwards the log is empty,
+    /// `first_lsn() == first_lsn`, `last_lsn() == durable_lsn() == first_lsn - 1`,
+    /// `chain_at(first_lsn - 1) == Some(base_chain)`, `base_term() == Some(base_term)`, and the
+    /// next append must be at `first_lsn`; its segment header carries `first_lsn` and
+    /// `base_chain` as chain seed. Used by a raft follower that installs a snapshot at
+    /// `first_lsn - 1` (beyond its log, or conflicting with it); the old log is dropped whole.
+    ///
+    /// Preconditions, as typed errors: not read-only ([`WblError::ReadOnly`]), `first_lsn >= 1`
+    /// ([`WblError::BadFirstLsn`]), no earlier writer failure or close ([`WblError::Failed`]),
+    /// no other reset in progress ([`WblError::Resetting`]). It first **waits** until every
+    /// record and hard state enqueued before the call is durable; while it runs, `append`,
+    /// `set_hard_state`, `release_prefix` and another `reset_to` fail with
+    /// [`WblError::Resetting`], so stage the entries that follow the snapshot after it returns.
+    ///
+    /// Hard state: `first_lsn - 1` may lie below the latest commit (the snapshot covers the
+    /// committed prefix). A persisted commit must never point past the log, so when the commit
+    /// is at or above `first_lsn`, it is first lowered durably to `first_lsn - 1` (term and vote
+    /// kept), before anything else changes on disk. The caller then writes its own hard state
+    /// (typically `commit = first_lsn - 1` and the leader's term) with `set_hard_state`.
+    ///
+    /// Order on disk, and what a crash at each point reopens as:
+    /// 1. (commit lowered, see above) → the old log, with a lower commit;
+    /// 2. `base.tmp` written and fdatasynced → the old log (`base.tmp` is deleted on open);
+    /// 3. renamed to `base`, directory fsynced → the reset log: every `seg-*` file whose
+    ///    sequence number is below the base's `first_seq` (all the old segments) is a
+    ///    leftover, ignored by recovery and deleted on a writable open;
+    /// 4. old segments renamed to `free-*` (up to the recycle pool) or deleted, directory
+    ///    fsynced → the reset log, with fewer or no leftovers.
+    ///
+    /// An I/O error after step 3 leaves the log reset in memory and on disk (leftovers are
+    /// removed on the next open). New segments get sequence numbers from `first_seq` and epochs
+    /// above the base's `epoch_floor`, so neither an old segment nor a recycled file's stale
+    /// records can be taken for part of the reset log.
+    pub async fn reset_to(
+        &self,
+        first_lsn: u64,
+        base_chain: u64,
+        base_term: u64,
+    ) -> Result<(), WblError> {
+        let inner = &self.inner;
+        {
+            let mut st = inner.st.borrow_mut();
+            self.check_writable(&st)?;
+            if first_lsn == 0 {
+                return Err(WblError::BadFirstLsn { lsn: first_lsn });
+            }
+            st.resetting = true;
+        }
+        let _guard = ResetGuard(inner);
+        let (log_seq, hard_req) = {
+            let st = inner.st.borrow();
+            (st.enq_seq, st.hard_req)
+        };
+        for ticket in [Ticket::Log(log_seq), Ticket::Hard(hard_req)] {
+            let inner = inner.clone();
+            Durable { inner, ticket }.await?;
+        }
+        let lowered = {
+            let mut st = inner.st.borrow_mut();
+            if st.closing {
+                // The writer may already have stopped: nothing enqueued now would be written.
+                return Err(WblError::Failed("log closed".into()));
+            }
+            let hs = st.hard_latest;
+            (hs.commit.max(st.hard.commit) >= first_lsn).then(|| {
+                let low = HardState {
+                    commit: first_lsn - 1,
+                    ..hs
+                };
+                self.enqueue_hard(&mut st, low)
+            })
+        };
+        if let Some(d) = lowered {
+            d.await?;
+        }
+        let base = {
+            let st = inner.st.borrow();
+            BaseState {
+                first_lsn,
+                base_chain,
+                base_term,
+                first_seq: st.next_seq,
+                epoch_floor: st.max_epoch,
+            }
+        };
+        write_base(&inner.dir, &base).await?;
+        let old = {
+            let mut st = inner.st.borrow_mut();
+            let mut old: Vec<(u64, PathBuf)> = st.segs.drain(..).map(|s| (s.seq, s.path)).collect();
+            if let Some(a) = st.active.take() {
+                if !old.iter().any(|(seq, _)| *seq == a.seq) {
+                    old.push((a.seq, segment_path(&inner.dir, a.seq)));
+                }
+            }
+            st.files.clear();
+            st.index.clear();
+            st.tail.clear();
+            st.first_lsn = first_lsn;
+            st.base_chain = base_chain;
+            st.base_term = Some(base_term);
+            st.last_lsn = first_lsn - 1;
+            st.tail_start = first_lsn;
+            old
+        };
+        self.retire(old).await
     }
 
     fn release_one(&self, lsn: u64) -> Option<(u64, PathBuf)> {

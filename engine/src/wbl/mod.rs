@@ -3,6 +3,7 @@
 //! verified record by record (crc32c) and across records (xxh3 chain) on recovery.
 //! The byte layout is documented in `docs/format.md`, section 1.
 
+pub mod base;
 pub mod hardstate;
 mod log;
 pub mod record;
@@ -97,6 +98,10 @@ pub enum WblError {
     NotAvailable { lsn: u64 },
     #[error("the log was opened read-only")]
     ReadOnly,
+    #[error("a log cannot start at lsn {lsn}: the first lsn is at least 1")]
+    BadFirstLsn { lsn: u64 },
+    #[error("the log is being reset to a snapshot position; retry after reset_to returns")]
+    Resetting,
     #[error("invalid options: {0}")]
     BadOptions(String),
     #[error("I/O error on {file}: {reason}")]

@@ -2,6 +2,7 @@
 //! continuity and segment linkage, rebuilds the index and decides torn tail vs corruption.
 //! It never writes: fixing a torn tail is the caller's job (and never done read-only).
 
+use super::base::{decode_base, BaseState, BASE_FILE};
 use super::hardstate::{pick_slot, HardState, HardStateSlot, HARDSTATE_FILE};
 use super::record::{chain_next, decode_ref, get_u32, RECORD_MAGIC};
 use super::segment::{
@@ -40,6 +41,13 @@ pub(crate) struct Recovered {
     pub max_seq: Option<u64>,
     /// Segment files after the last live one (prepared, recycled or with a torn first write).
     pub unused: Vec<PathBuf>,
+    /// Segment files of the log before a reset (sequence number below the base file's
+    /// `first_seq`): left by a `reset_to` interrupted before it removed them.
+    pub leftovers: Vec<PathBuf>,
+    /// The base file, when the log was reset to a snapshot position.
+    pub base: Option<BaseState>,
+    /// Term at `first_lsn - 1`, known when the log still starts where the base file says.
+    pub base_term: Option<u64>,
     pub hard: Option<HardStateSlot>,
     pub fix: Option<TornFix>,
     pub report: RecoveryReport,
@@ -164,6 +172,19 @@ async fn load_hard_state(dir: &Path) -> Result<Option<HardStateSlot>, WblError> 
     }
 }
 
+/// Loads the base file. It is created by an atomic rename, so one that exists and does not
+/// decode is corruption.
+async fn load_base(dir: &Path) -> Result<Option<BaseState>, WblError> {
+    let path = dir.join(BASE_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let img = read_all_direct(&path).await?;
+    decode_base(&img)
+        .map(Some)
+        .map_err(|e| corrupt(&path, 0, 0, format!("base file: {e}")))
+}
+
 fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WblError> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| WblError::io(dir, e))? {
@@ -182,17 +203,22 @@ pub(crate) async fn recover(dir: &Path) -> Result<Recovered, WblError> {
     let started = std::time::Instant::now();
     let hard = load_hard_state(dir).await?;
     let commit = hard.map_or(0, |h| h.state.commit);
-    let files = list_segments(dir)?;
+    let base = load_base(dir).await?;
+    let mut files = list_segments(dir)?;
+    // Segments below the base's first sequence number belong to the log before a reset.
+    let first_seq = base.map_or(0, |b| b.first_seq);
+    let split = files.partition_point(|(seq, _)| *seq < first_seq);
+    let leftovers: Vec<PathBuf> = files.drain(..split).map(|(_, p)| p).collect();
     let mut chain = Chain {
-        first_lsn: 1,
-        base_chain: 0,
+        first_lsn: base.map_or(1, |b| b.first_lsn),
+        base_chain: base.map_or(0, |b| b.base_chain),
         index: VecDeque::new(),
         records: 0,
     };
     let mut segs: Vec<SegMeta> = Vec::new();
     let mut unused = Vec::new();
     let mut bytes_scanned = 0;
-    let mut max_epoch = 0;
+    let mut max_epoch = base.map_or(0, |b| b.epoch_floor);
     let mut active_pos = None;
     let mut fix = None;
     let mut torn_tail = None;
@@ -207,7 +233,13 @@ pub(crate) async fn recover(dir: &Path) -> Result<Recovered, WblError> {
             .await
             .map_err(|e| WblError::io(path, e))?;
         let mut rd = SegReader::new(file);
-        let out = scan_one(&mut rd, *seq, path, &mut chain, &segs, is_last, commit).await;
+        let ctx = ScanCtx {
+            prev: &segs,
+            base: base.as_ref(),
+            is_last,
+            commit,
+        };
+        let out = scan_one(&mut rd, *seq, path, &mut chain, ctx).await;
         bytes_scanned += rd.bytes_read;
         rd.close().await;
         let out = out?;
@@ -241,6 +273,10 @@ pub(crate) async fn recover(dir: &Path) -> Result<Recovered, WblError> {
         hard_state: hard.map(|h| h.state).unwrap_or_default(),
         elapsed: started.elapsed(),
     };
+    let base_term = base
+        .filter(|b| b.first_lsn == chain.first_lsn)
+        .map(|b| b.base_term);
+    let max_seq = files.last().map(|f| f.0);
     Ok(Recovered {
         segs,
         first_lsn: chain.first_lsn,
@@ -248,8 +284,11 @@ pub(crate) async fn recover(dir: &Path) -> Result<Recovered, WblError> {
         index: chain.index,
         active_pos,
         max_epoch,
-        max_seq: files.last().map(|f| f.0),
+        max_seq,
         unused,
+        leftovers,
+        base,
+        base_term,
         hard,
         fix,
         report,
@@ -289,22 +328,33 @@ struct SegOutcome {
     torn: Option<TornTail>,
 }
 
+/// What one segment's scan needs to know about the rest of the log.
+#[derive(Clone, Copy)]
+struct ScanCtx<'a> {
+    /// Live segments before this one.
+    prev: &'a [SegMeta],
+    base: Option<&'a BaseState>,
+    is_last: bool,
+    commit: u64,
+}
+
 async fn scan_one(
     rd: &mut SegReader,
     seq: u64,
     path: &Path,
     chain: &mut Chain,
-    prev: &[SegMeta],
-    is_last: bool,
-    commit: u64,
+    ctx: ScanCtx<'_>,
 ) -> Result<SegOutcome, WblError> {
+    let ScanCtx {
+        is_last, commit, ..
+    } = ctx;
     let expected = chain.last_lsn() + 1;
     let header = match decode_header(rd.get(0, BLOCK).await.map_err(|e| WblError::io(path, e))?) {
         Ok(h) if h.seq == seq => h,
         Ok(_) => return Err(corrupt(path, 0, expected, "header names another segment")),
         Err(e) => return Err(corrupt(path, 0, expected, format!("segment header: {e}"))),
     };
-    link_header(&header, path, chain, prev)?;
+    link_header(&header, path, chain, ctx.prev, ctx.base)?;
     let (stop, pos) = scan_records(rd, &header, path, chain).await?;
     let e = chain.last_lsn() + 1;
     let mut meta = SegMeta {
@@ -336,11 +386,14 @@ async fn scan_one(
 }
 
 /// Checks that a segment continues the log where the previous one left it.
+/// The first live segment starts the log: after a reset (`base`), it either starts exactly at
+/// the base (with its chain) or above it (the base's first segments were released since).
 fn link_header(
     h: &SegmentHeader,
     path: &Path,
     chain: &mut Chain,
     prev: &[SegMeta],
+    base: Option<&BaseState>,
 ) -> Result<(), WblError> {
     let expected = chain.last_lsn() + 1;
     if let Some(p) = prev.last() {
@@ -365,6 +418,24 @@ fn link_header(
     } else {
         if h.first_lsn == 0 {
             return Err(corrupt(path, 0, 0, "first lsn 0"));
+        }
+        if let Some(b) = base {
+            if h.first_lsn < b.first_lsn {
+                return Err(corrupt(
+                    path,
+                    0,
+                    b.first_lsn,
+                    "segment starts below the base",
+                ));
+            }
+            if h.first_lsn == b.first_lsn && h.chain_seed != b.base_chain {
+                return Err(corrupt(
+                    path,
+                    0,
+                    b.first_lsn,
+                    "segment chain seed differs from the base chain",
+                ));
+            }
         }
         chain.first_lsn = h.first_lsn;
         chain.base_chain = h.chain_seed;

@@ -13,7 +13,7 @@ pub const SEGMENT_VERSION: u8 = 1;
 const HEADER_CRC_AT: usize = 48;
 const FOOTER_CRC_AT: usize = 32;
 
-/// Why a header, footer or hard-state slot does not verify.
+/// Why a header, footer, hard-state slot or base file does not verify.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MetaError {
     #[error("buffer holds {0} bytes, needs one block")]
@@ -26,6 +26,8 @@ pub enum MetaError {
     BadReserved,
     #[error("crc32c mismatch")]
     BadCrc,
+    #[error("invalid field: {0}")]
+    BadField(&'static str),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
