@@ -17,15 +17,15 @@
 //! handshake, prover and identity), asks for the first chunk (which tells the file size), then
 //! keeps [`STREAM_WINDOW_CHUNKS`] requests of [`STREAM_CHUNK_BYTES`] in flight, writing each
 //! verified chunk into `dest` + [`PARTIAL_SUFFIX`] with O_DIRECT (glommio `DmaFile`, at most
-//! [`MAX_WRITES_IN_FLIGHT`] writes in flight while it goes on receiving; the last chunk is
-//! padded to the alignment and the file truncated to its size at the end). Every chunk's crc32c, identity (shard, lsn,
-//! term), offset, length and the file size are checked; a corrupt chunk is refused and asked for
-//! again (at most [`MAX_CHUNK_RETRIES`] times per chunk). A broken connection (I/O error, EOF,
-//! no answer within [`CHUNK_RESPONSE_TIMEOUT`]) is redialed with backoff
-//! ([`RESUME_BACKOFF_MIN`] doubling to [`RESUME_BACKOFF_MAX`]) and the transfer resumes from the
-//! verified prefix (at most [`MAX_RESUMES`] times; at most [`MAX_DIAL_ATTEMPTS`] failed dials in
-//! a row). At the end the partial file is fdatasynced, renamed to `dest`, and the directory is
-//! synced. On any error the partial file is removed and `dest` is not touched.
+//! [`MAX_WRITES_IN_FLIGHT`] writes in flight while it goes on receiving; the last chunk is padded
+//! to the alignment and the file truncated to its size at the end). Every chunk's crc32c, identity
+//! (shard, lsn, term), offset, length and the file size are checked; a corrupt chunk is refused and
+//! asked for again (at most [`MAX_CHUNK_RETRIES`] times per chunk). A broken connection (I/O error,
+//! EOF, a frame that does not decode, no answer within [`CHUNK_RESPONSE_TIMEOUT`]) is redialed with
+//! backoff ([`RESUME_BACKOFF_MIN`] doubling to [`RESUME_BACKOFF_MAX`]) and the transfer resumes
+//! from the verified prefix (at most [`MAX_RESUMES`] times; at most [`MAX_DIAL_ATTEMPTS`] failed
+//! dials in a row). At the end the partial file is fdatasynced, renamed to `dest`, and the
+//! directory is synced. On any error the partial file is removed and `dest` is not touched.
 
 use crate::frame::{self, flags, FrameHeader};
 use crate::peer::{
@@ -577,10 +577,9 @@ impl Transfer<'_> {
                 reader.next(stream),
             )
             .await
-            .map_err(|e| match e {
-                ConnError::Frame(f) => ConnEnd::Fatal(StreamError::Protocol(f.to_string())),
-                e => ConnEnd::Broken(e.to_string()),
-            })?;
+            // A frame that does not decode (its crc included) leaves the stream out of step:
+            // like a broken connection, redial and resume (bounded by MAX_RESUMES).
+            .map_err(|e| ConnEnd::Broken(e.to_string()))?;
             self.on_answer(header, reader.payload(), &mut in_flight, &mut redo)
                 .await?;
         }
