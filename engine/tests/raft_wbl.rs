@@ -19,11 +19,13 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 const IDS: [u64; 3] = [1, 2, 3];
-const TICK: Duration = Duration::from_millis(10);
+const TICK: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct Net {
     replicas: RefCell<BTreeMap<u64, Weak<Replica>>>,
+    /// Nodes cut off: their messages are lost both ways.
+    cut: RefCell<std::collections::BTreeSet<u64>>,
 }
 
 struct To(Rc<Net>);
@@ -31,6 +33,11 @@ struct To(Rc<Net>);
 impl Transport for To {
     fn send(&self, _shard: u32, msgs: Vec<Message>) {
         for m in msgs {
+            let cut = self.0.cut.borrow();
+            if cut.contains(&m.to) || cut.contains(&m.from) {
+                continue;
+            }
+            drop(cut);
             let r = self.0.replicas.borrow().get(&m.to).and_then(Weak::upgrade);
             if let Some(r) = r {
                 glommio::spawn_local(async move { r.step(m) }).detach();
@@ -88,20 +95,6 @@ fn create(i: u32) -> Op {
     }
 }
 
-async fn propose_many(l: &Rc<Replica>, from: u32, n: u32) {
-    let mut tasks = Vec::new();
-    for i in from..from + n {
-        let l = l.clone();
-        tasks.push(glommio::spawn_local(async move {
-            let op = create(i);
-            l.propose(op.kind(), &op.encode()).await
-        }));
-    }
-    for t in tasks {
-        t.await.expect("committed and applied");
-    }
-}
-
 async fn converge(rs: &[Rc<Replica>]) -> u128 {
     for _ in 0..1000 {
         let applied: Vec<u64> = rs.iter().map(|r| r.with_core(|c| c.applied())).collect();
@@ -131,7 +124,7 @@ fn proposals_commit_on_every_log_and_survive_a_full_restart() {
         let net = Rc::new(Net::default());
         let rs = open_all(&path, &net).await;
         let l = leader(&rs).await;
-        propose_many(&l, 0, 300).await;
+        propose_ops(&rs, 0, 300, create).await;
         let before = converge(&rs).await;
         let keys = rs[0].with_core(|c| c.state_machine().partitions().count());
         assert_eq!(keys, 300);
@@ -147,8 +140,7 @@ fn proposals_commit_on_every_log_and_survive_a_full_restart() {
         for r in &rs {
             assert_eq!(r.with_core(|c| c.state_machine().digest().0), before);
         }
-        let l = leader(&rs).await;
-        propose_many(&l, 300, 100).await;
+        propose_ops(&rs, 300, 100, create).await;
         converge(&rs).await;
         assert_eq!(
             rs[1].with_core(|c| c.state_machine().partitions().count()),
@@ -170,8 +162,7 @@ fn compaction_under_replication_and_restart_from_the_snapshots() {
         let cfg = keyfort_engine::compaction::CompactionConfig::default();
         let net = Rc::new(Net::default());
         let rs = open_all(&path, &net).await;
-        let l = leader(&rs).await;
-        propose_many(&l, 0, 200).await;
+        propose_ops(&rs, 0, 200, create).await;
         converge(&rs).await;
         for (r, id) in rs.iter().zip(IDS) {
             let dir = path.join(format!("n{id}/snap"));
@@ -183,7 +174,7 @@ fn compaction_under_replication_and_restart_from_the_snapshots() {
             assert!(rep.lsn >= 200);
         }
         // Applies go on into the fresh memtable over the snapshot.
-        propose_many(&l, 200, 100).await;
+        propose_ops(&rs, 200, 100, create).await;
         let before = converge(&rs).await;
         for r in &rs {
             r.close().await.unwrap();
@@ -199,13 +190,140 @@ fn compaction_under_replication_and_restart_from_the_snapshots() {
                 assert_eq!(c.state_machine().digest().0, before);
             });
         }
-        let l = leader(&rs).await;
-        propose_many(&l, 300, 50).await;
+        propose_ops(&rs, 300, 50, create).await;
         converge(&rs).await;
         assert_eq!(
             rs[2].with_core(|c| c.state_machine().partitions().count()),
             350
         );
+        for r in &rs {
+            r.close().await.unwrap();
+        }
+    })
+    .unwrap();
+}
+
+/// Snapshot files fetched by copying them from the sender's snapshot directory (the peer
+/// transport streams them in a node; `net/tests/snapshot_stream.rs` tests that part).
+struct CopyFrom(std::path::PathBuf);
+
+impl keyfort_engine::raft::snapshot::SnapshotSource for CopyFrom {
+    fn fetch<'a>(
+        &'a self,
+        from: u64,
+        desc: &'a keyfort_engine::raft::snapshot::SnapshotDescriptor,
+        dest: &'a Path,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + 'a>> {
+        Box::pin(async move {
+            let src = self
+                .0
+                .join(format!("n{from}/snap"))
+                .join(keyfort_engine::snapshot::file_name(desc.lsn));
+            std::fs::copy(&src, dest).map_err(|e| format!("{}: {e}", src.display()))?;
+            std::fs::File::open(dest)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+fn big(i: u32) -> Op {
+    let mut p = [0u8; 16];
+    p[..4].copy_from_slice(&i.to_le_bytes());
+    p[4] = 0xB1;
+    Op::PartitionCreate {
+        partition: PartitionId(p),
+        config: vec![i as u8; 4000],
+    }
+}
+
+/// Proposes `make(i)` for `i` in `from..from + n` on whoever leads, 64 at a time, retrying
+/// when leadership moves (a retried creation of the same partition applies as "exists": the
+/// count of partitions stays exact).
+async fn propose_ops(rs: &[Rc<Replica>], from: u32, n: u32, make: fn(u32) -> Op) {
+    for chunk in (from..from + n).collect::<Vec<_>>().chunks(64) {
+        let mut tasks = Vec::new();
+        for &i in chunk {
+            let rs = rs.to_vec();
+            tasks.push(glommio::spawn_local(async move {
+                loop {
+                    let l = leader(&rs).await;
+                    let op = make(i);
+                    if l.propose(op.kind(), &op.encode()).await.is_ok() {
+                        return;
+                    }
+                    glommio::timer::sleep(TICK).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await;
+        }
+    }
+}
+
+#[test]
+fn a_follower_behind_the_released_log_installs_the_leaders_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().to_path_buf();
+    keyfort_engine::exec::run_local(root.path(), |_| async move {
+        let card = Rc::new(state_common::card::session());
+        let cfg = keyfort_engine::compaction::CompactionConfig::default();
+        let net = Rc::new(Net::default());
+        net.cut.borrow_mut().insert(3);
+        let rs = open_all(&path, &net).await;
+        for (r, id) in rs.iter().zip(IDS) {
+            r.set_log_retention(0, 0);
+            r.enable_snapshots(keyfort_engine::raft::driver::SnapshotSetup {
+                source: Rc::new(CopyFrom(path.clone())),
+                dir: path.join(format!("n{id}/snap")),
+                mac: card.clone(),
+            });
+        }
+        let live = &rs[..2];
+        // Two compactions on the two live nodes: the second releases the log below the first.
+        for round in 0..2u32 {
+            propose_ops(live, round * 600, 600, big).await;
+            converge(live).await;
+            for (r, id) in live.iter().zip(IDS) {
+                let dir = path.join(format!("n{id}/snap"));
+                r.compact(&dir, &*card, &cfg)
+                    .await
+                    .unwrap()
+                    .expect("not joint");
+            }
+        }
+        let l = leader(live).await;
+        let first = l.with_core(|c| c.store().wbl().first_lsn());
+        assert!(
+            first > 1,
+            "the leader's log was released (first lsn {first})"
+        );
+        // Node 3 comes back: its log ends before the leader's, so it gets the snapshot.
+        net.cut.borrow_mut().clear();
+        let digest = converge(&rs).await;
+        rs[2].with_core(|c| {
+            let base = c.state_machine().base().map(|b| b.lsn());
+            assert!(
+                base.is_some_and(|b| b >= 1200),
+                "installed snapshot at {base:?}"
+            );
+            assert_eq!(c.state_machine().digest().0, digest);
+        });
+        propose_ops(&rs, 5000, 50, create).await;
+        converge(&rs).await;
+        assert_eq!(
+            rs[2].with_core(|c| c.state_machine().partitions().count()),
+            1250
+        );
+        for r in &rs {
+            r.close().await.unwrap();
+        }
+        // And node 3 restarts from the installed snapshot and its reset log.
+        let net = Rc::new(Net::default());
+        let rs = open_all(&path, &net).await;
+        propose_ops(&rs, 6000, 10, create).await;
+        converge(&rs).await;
         for r in &rs {
             r.close().await.unwrap();
         }

@@ -51,8 +51,8 @@ pub enum CoreError {
     Conf(#[from] ConfError),
     #[error("state machine stopped: {0}")]
     State(#[from] SnapshotError),
-    #[error("raft asked to install a snapshot; snapshot streaming is not built yet")]
-    SnapshotUnsupported,
+    #[error("raft restored a snapshot at {index} that was not installed first")]
+    SnapshotNotInstalled { index: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -105,6 +105,8 @@ struct AfterPersist {
     number: u64,
     staged: bool,
     messages: Vec<Message>,
+    /// The snapshot this Ready restored: applied once raft counts it persisted.
+    snapshot_index: Option<u64>,
 }
 
 pub struct ShardCore<S: LogStore> {
@@ -116,6 +118,8 @@ pub struct ShardCore<S: LogStore> {
     /// (lsn, digest after applying it), ascending, at most [`DIGEST_HISTORY`].
     digests: VecDeque<(u64, StateDigest)>,
     events: Vec<Event>,
+    /// A Ready restoring a snapshot, held until the caller installed it.
+    held: Option<raft::Ready>,
 }
 
 impl<S: LogStore> ShardCore<S> {
@@ -146,6 +150,7 @@ impl<S: LogStore> ShardCore<S> {
             after_persist: VecDeque::new(),
             digests,
             events: Vec::new(),
+            held: None,
         })
     }
 
@@ -197,6 +202,14 @@ impl<S: LogStore> ShardCore<S> {
         self.sm.clone()
     }
 
+    /// Replaces the state with one served from an installed snapshot (the log was reset to
+    /// start after it); the digest history starts over there.
+    pub fn replace_state(&mut self, sm: StateMachine) {
+        self.digests.clear();
+        self.digests.push_back((sm.lsn_applied(), sm.digest()));
+        *self.sm.borrow_mut() = sm;
+    }
+
     /// The raft-rs node, read-only (status, progress, diagnostics).
     pub fn raw_node(&self) -> &RawNode<S> {
         &self.node
@@ -212,16 +225,25 @@ impl<S: LogStore> ShardCore<S> {
 
     /// Advances the logical clock one tick.
     pub fn tick(&mut self) -> bool {
+        if self.held.is_some() {
+            return false;
+        }
         self.node.tick()
     }
 
     pub fn campaign(&mut self) -> Result<(), CoreError> {
+        if self.held.is_some() {
+            return Ok(());
+        }
         Ok(self.node.campaign()?)
     }
 
     /// Steps a message from a peer. Messages for another group or stale ones are the caller's
     /// to filter; raft-rs drops what it must.
     pub fn step(&mut self, m: Message) -> Result<(), CoreError> {
+        if self.held.is_some() {
+            return Ok(());
+        }
         Ok(self.node.step(m)?)
     }
 
@@ -269,11 +291,17 @@ impl<S: LogStore> ShardCore<S> {
 
     /// Starts a linearizable read; an [`Event::ReadIndex`] with the same context follows.
     pub fn read_index(&mut self, ctx: Vec<u8>) {
+        if self.held.is_some() {
+            return;
+        }
         self.node.read_index(ctx);
     }
 
     /// Entries raft asked for asynchronously are now in the store.
     pub fn on_entries_fetched(&mut self, ctx: raft::GetEntriesContext) {
+        if self.held.is_some() {
+            return;
+        }
         self.node.on_entries_fetched(ctx);
     }
 
@@ -282,7 +310,7 @@ impl<S: LogStore> ShardCore<S> {
     }
 
     pub fn has_ready(&self) -> bool {
-        self.node.has_ready()
+        self.held.is_none() && self.node.has_ready()
     }
 
     pub fn take_events(&mut self) -> Vec<Event> {
@@ -292,13 +320,48 @@ impl<S: LogStore> ShardCore<S> {
     /// Handles one raft Ready, if there is one: stages its entries and hard state, applies its
     /// committed entries and returns the messages to send now. Call until it returns `None`.
     pub fn process_ready(&mut self) -> Result<Option<Vec<Message>>, CoreError> {
-        if !self.node.has_ready() {
+        if self.held.is_some() || !self.node.has_ready() {
             return Ok(None);
         }
         let mut rd = self.node.ready();
-        let number = rd.number();
         if !rd.snapshot().is_empty() {
-            return Err(CoreError::SnapshotUnsupported);
+            // The caller must install the snapshot (its log reset, its state replaced) before
+            // the rest of this Ready (entries after it, hard state) is handled: hold it.
+            let out = rd.take_messages();
+            self.held = Some(rd);
+            return Ok(Some(out));
+        }
+        self.finish_ready(rd).map(Some)
+    }
+
+    /// The snapshot raft restored and the caller must install before anything else happens:
+    /// (index, term, membership). While it is pending the core takes no input (messages and
+    /// ticks are dropped, raft resends; proposals are refused).
+    pub fn snapshot_to_install(&self) -> Option<(u64, u64, ConfState)> {
+        self.held.as_ref().map(|rd| {
+            let m = rd.snapshot().get_metadata();
+            (m.index, m.term, m.get_conf_state().clone())
+        })
+    }
+
+    /// The snapshot [`Self::snapshot_to_install`] named is installed (state replaced with
+    /// [`Self::replace_state`], log reset): handles the rest of its Ready.
+    pub fn resume_after_install(&mut self) -> Result<Vec<Message>, CoreError> {
+        match self.held.take() {
+            Some(rd) => self.finish_ready(rd),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn finish_ready(&mut self, mut rd: raft::Ready) -> Result<Vec<Message>, CoreError> {
+        let number = rd.number();
+        let mut snapshot_index = None;
+        if !rd.snapshot().is_empty() {
+            let index = rd.snapshot().get_metadata().index;
+            if self.sm.borrow().lsn_applied() != index {
+                return Err(CoreError::SnapshotNotInstalled { index });
+            }
+            snapshot_index = Some(index);
         }
         if let Some(ss) = rd.ss() {
             self.events.push(Event::Role {
@@ -334,9 +397,10 @@ impl<S: LogStore> ShardCore<S> {
             number,
             staged,
             messages,
+            snapshot_index,
         });
         out.extend(self.release_persisted(0));
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// Everything the store staged under Ready numbers ≤ `number` is durable: returns the
@@ -349,21 +413,29 @@ impl<S: LogStore> ShardCore<S> {
     fn release_persisted(&mut self, durable: u64) -> Vec<Message> {
         let mut out = Vec::new();
         let mut last = None;
+        let mut snapshot = None;
         while let Some(front) = self.after_persist.front() {
             if front.staged && front.number > durable {
                 break;
             }
             let a = self.after_persist.pop_front().expect("front exists");
             last = Some(a.number);
+            snapshot = a.snapshot_index.or(snapshot);
             out.extend(a.messages);
         }
         if let Some(n) = last {
             self.node.on_persist_ready(n);
         }
+        if let Some(i) = snapshot {
+            self.node.advance_apply_to(i);
+        }
         out
     }
 
     fn check_leader(&self) -> Result<(), ProposeError> {
+        if self.held.is_some() {
+            return Err(ProposeError::Dropped("installing a snapshot".into()));
+        }
         if self.is_leader() {
             Ok(())
         } else {

@@ -3,10 +3,11 @@
 //! when applied.
 
 use super::core::{CoreError, Event, ProposeError, ShardCore};
+use super::snapshot::{SnapshotDescriptor, SnapshotSource};
 use super::wbl_store::WblStore;
 use crate::state::ApplyResult;
 use crate::wbl::RecordKind;
-use raft::eraftpb::{ConfChangeV2, ConfState, Message};
+use raft::eraftpb::{ConfChangeV2, ConfState, Message, MessageType};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -124,6 +125,21 @@ pub struct Replica {
     failed: RefCell<Option<String>>,
     events: RefCell<Vec<Event>>,
     keep_events: bool,
+    snapshots: RefCell<Option<SnapshotSetup>>,
+    installing: Cell<bool>,
+    /// A fetched and verified snapshot file, for raft's restore of it.
+    verified: RefCell<Option<crate::snapshot::Snapshot>>,
+    compacting: Cell<bool>,
+    /// (min, max) log entries kept below the applied index at a compaction.
+    retention: Cell<(u64, u64)>,
+}
+
+/// Where a follower fetches snapshot files from, where it keeps them, and the card that
+/// verifies their footer MAC.
+pub struct SnapshotSetup {
+    pub source: Rc<dyn SnapshotSource>,
+    pub dir: std::path::PathBuf,
+    pub mac: Rc<dyn crate::snapshot::FooterMac>,
 }
 
 impl Replica {
@@ -144,6 +160,11 @@ impl Replica {
             failed: RefCell::new(None),
             events: RefCell::new(Vec::new()),
             keep_events,
+            snapshots: RefCell::new(None),
+            installing: Cell::new(false),
+            verified: RefCell::new(None),
+            compacting: Cell::new(false),
+            retention: Cell::new((RETAIN_LOG_ENTRIES_MIN, RETAIN_LOG_ENTRIES_MAX)),
         })
     }
 
@@ -167,6 +188,16 @@ impl Replica {
             applied: local.state.lsn_applied(),
             fixed_election_timeout: false,
         };
+        let mut store = store;
+        if let Some(b) = local.state.base() {
+            let f = b.footer();
+            let cs = ConfState {
+                voters: f.voters.clone(),
+                learners: f.learners.clone(),
+                ..Default::default()
+            };
+            store.set_snapshot(SnapshotDescriptor::of(shard, b), cs);
+        }
         let core = ShardCore::new(&cfg, store, local.state)?;
         Ok(Replica::new(core, transport, keep_events))
     }
@@ -190,8 +221,9 @@ impl Replica {
                 return Ok(None);
             }
             let applied = c.applied();
-            let floor = applied.saturating_sub(RETAIN_LOG_ENTRIES_MAX);
-            let mut retain = applied.saturating_sub(RETAIN_LOG_ENTRIES_MIN);
+            let (keep_min, keep_max) = self.retention.get();
+            let floor = applied.saturating_sub(keep_max);
+            let mut retain = applied.saturating_sub(keep_min);
             if c.is_leader() {
                 for (id, pr) in c.raw_node().raft.prs().iter() {
                     if *id != c.id() {
@@ -206,8 +238,28 @@ impl Replica {
             };
             (c.state_handle(), c.store().wbl().clone(), ctx)
         };
-        let report = crate::compaction::compact(dir, &state, &wbl, ctx, mac, cfg).await?;
-        self.core.borrow_mut().store_mut().on_released();
+        if self.installing.get() || self.compacting.replace(true) {
+            return Ok(None);
+        }
+        let cs = ConfState {
+            voters: ctx.voters.clone(),
+            learners: ctx.learners.clone(),
+            ..Default::default()
+        };
+        let report = crate::compaction::compact(dir, &state, &wbl, ctx, mac, cfg).await;
+        self.compacting.set(false);
+        let report = report?;
+        let mut core = self.core.borrow_mut();
+        let shard = core.shard();
+        let desc = core
+            .state_machine()
+            .base()
+            .map(|b| SnapshotDescriptor::of(shard, b));
+        let store = core.store_mut();
+        store.on_released();
+        if let Some(d) = desc {
+            store.set_snapshot(d, cs);
+        }
         Ok(Some(report))
     }
 
@@ -242,6 +294,184 @@ impl Replica {
         }
     }
 
+    /// Lets this replica install snapshots from its leader (without it a snapshot message is
+    /// dropped and the follower stays behind).
+    pub fn enable_snapshots(&self, setup: SnapshotSetup) {
+        *self.snapshots.borrow_mut() = Some(setup);
+    }
+
+    /// Log entries kept below the applied index at a compaction: at least `min`, and on the
+    /// leader what lagging followers still lack up to `max`.
+    pub fn set_log_retention(&self, min: u64, max: u64) {
+        self.retention.set((min, max.max(min)));
+    }
+
+    /// A snapshot message: fetch the file it names, verify it, reset the log and the state to
+    /// it, and only then step the message into raft. One install at a time; raft resends.
+    fn receive_snapshot(self: &Rc<Self>, m: Message) {
+        if self.installing.get() || self.compacting.get() || self.failed().is_some() {
+            return;
+        }
+        let Some((source, dir, mac)) = self
+            .snapshots
+            .borrow()
+            .as_ref()
+            .map(|s| (s.source.clone(), s.dir.clone(), s.mac.clone()))
+        else {
+            tracing::warn!("snapshot message dropped: this replica fetches no snapshots");
+            return;
+        };
+        let desc = match SnapshotDescriptor::decode(m.get_snapshot().get_data()) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, from = m.from, "snapshot message refused");
+                return;
+            }
+        };
+        let meta = m.get_snapshot().get_metadata();
+        let shard = self.core.borrow().shard();
+        if desc.lsn != meta.index || desc.term != meta.term || desc.shard != shard {
+            tracing::warn!(
+                from = m.from,
+                "snapshot descriptor disagrees with its message"
+            );
+            return;
+        }
+        if !self.snapshot_wanted(&m, &desc) {
+            // Stale, or our log already holds it: raft decides (it fast-forwards or ignores).
+            let _ = self.core.borrow_mut().step(m);
+            self.pump();
+            return;
+        }
+        self.installing.set(true);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let r = me.fetch_snapshot(&*source, &dir, &*mac, &m, &desc).await;
+            me.installing.set(false);
+            match r {
+                Ok(file) => {
+                    // raft restores it into its unstable log; the Ready that follows is held
+                    // until `install_held_snapshot` reset the log and the state to it.
+                    *me.verified.borrow_mut() = Some(file);
+                    let _ = me.core.borrow_mut().step(m);
+                    me.pump();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, lsn = desc.lsn, "snapshot fetch failed; raft will resend")
+                }
+            }
+        })
+        .detach();
+    }
+
+    /// Whether `m` asks for a snapshot this replica must install: from a current leader, past
+    /// everything this replica knows committed, and not already in its log.
+    fn snapshot_wanted(&self, m: &Message, desc: &SnapshotDescriptor) -> bool {
+        let c = self.core.borrow();
+        let known = raft::Storage::term(c.store(), desc.lsn).ok() == Some(desc.term);
+        m.term >= c.term() && desc.lsn > c.commit_index() && !known
+    }
+
+    /// Fetches the file `desc` names into the snapshot directory and verifies it (every check,
+    /// then the footer MAC in the card) and that it is the file the descriptor names.
+    async fn fetch_snapshot(
+        self: &Rc<Self>,
+        source: &dyn SnapshotSource,
+        dir: &std::path::Path,
+        mac: &dyn crate::snapshot::FooterMac,
+        m: &Message,
+        desc: &SnapshotDescriptor,
+    ) -> Result<crate::snapshot::Snapshot, String> {
+        use crate::snapshot::{self as snap, Snapshot};
+        let dest = dir.join(snap::file_name(desc.lsn));
+        let tmp = dir.join(format!("{}.fetch", snap::file_name(desc.lsn)));
+        source.fetch(m.from, desc, &tmp).await?;
+        // Renamed before it is verified: a crash in between leaves a file recovery verifies
+        // (and skips when bad) like any other; a failed verification removes it.
+        let (t, d, dd) = (tmp, dest.clone(), dir.to_path_buf());
+        crate::exec::spawn_background_blocking(move || {
+            std::fs::rename(&t, &d)?;
+            crate::wbl::segment::sync_dir(&dd)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let d = dest.clone();
+        let checked = async {
+            let mut file =
+                crate::exec::spawn_background_blocking(move || Snapshot::open_without_mac(&d))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            file.verify_mac(mac).map_err(|e| e.to_string())?;
+            if SnapshotDescriptor::of(desc.shard, &file) != *desc {
+                return Err(format!(
+                    "fetched snapshot does not match its descriptor {desc:?}"
+                ));
+            }
+            Ok(file)
+        }
+        .await;
+        if checked.is_err() {
+            let _ = std::fs::remove_file(&dest);
+        }
+        checked
+    }
+
+    /// raft restored a snapshot: reset the log to start after it and serve the state from the
+    /// verified file, then let the core finish the held Ready.
+    fn install_held_snapshot(self: &Rc<Self>) {
+        let Some((index, term, cs)) = self.core.borrow().snapshot_to_install() else {
+            return;
+        };
+        if self.installing.replace(true) {
+            return;
+        }
+        let file = self.verified.borrow_mut().take();
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let r: Result<(), String> = async {
+                let file = file
+                    .filter(|f| f.lsn() == index && f.footer().term == term)
+                    .ok_or_else(|| {
+                        format!("raft restored snapshot {index} that was not fetched")
+                    })?;
+                let chain = file.footer().chain_head;
+                let shard = me.core.borrow().shard();
+                let desc = SnapshotDescriptor::of(shard, &file);
+                let wbl = me.core.borrow().store().wbl().clone();
+                wbl.reset_to(index + 1, chain, term)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let state = crate::state::StateMachine::from_snapshot(std::sync::Arc::new(file));
+                let mut c = me.core.borrow_mut();
+                c.replace_state(state);
+                let store = c.store_mut();
+                store.installed(index, term, cs.clone());
+                store.set_snapshot(desc, cs);
+                Ok(())
+            }
+            .await;
+            me.installing.set(false);
+            match r {
+                Ok(()) => {
+                    tracing::info!(lsn = index, "snapshot installed");
+                    let msgs = me.core.borrow_mut().resume_after_install();
+                    match msgs {
+                        Ok(msgs) => {
+                            let shard = me.core.borrow().shard();
+                            if !msgs.is_empty() {
+                                me.transport.send(shard, msgs);
+                            }
+                            me.pump();
+                        }
+                        Err(e) => me.fail(&e),
+                    }
+                }
+                Err(e) => me.fail(&format!("snapshot install at {index}: {e}")),
+            }
+        })
+        .detach();
+    }
+
     /// Stops the replica (waiters get `Stopped`) and closes its log.
     pub async fn close(&self) -> Result<(), crate::wbl::WblError> {
         self.fail(&"closed");
@@ -264,6 +494,10 @@ impl Replica {
 
     /// A message from a peer.
     pub fn step(self: &Rc<Self>, m: Message) {
+        if m.get_msg_type() == MessageType::MsgSnapshot {
+            self.receive_snapshot(m);
+            return;
+        }
         // raft refuses stale and foreign messages itself; those errors are not failures.
         let _ = self.core.borrow_mut().step(m);
         self.pump();
@@ -411,6 +645,7 @@ impl Replica {
             self.handle_events();
         }
         self.handle_events();
+        self.install_held_snapshot();
         self.start_persisting();
         self.start_fetching();
     }

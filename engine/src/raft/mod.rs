@@ -14,11 +14,12 @@ pub mod conf;
 pub mod core;
 pub mod driver;
 pub mod entry;
+pub mod snapshot;
 pub mod store;
 pub mod wbl_store;
 
 pub use self::core::{CoreConfig, CoreError, Event, ProposeError, ShardCore};
-pub use driver::{Applied, Committed, Replica, ReplicaError, Transport};
+pub use driver::{Applied, Committed, Replica, ReplicaError, SnapshotSetup, Transport};
 pub use entry::{entry_of, proposal_data, record_of, EntryError};
 pub use store::{LogStore, MemLog};
 pub use wbl_store::WblStore;

@@ -10,6 +10,7 @@
 //! calls `on_entries_fetched`.
 
 use super::entry::{entry_of, entry_size, record_of};
+use super::snapshot::SnapshotDescriptor;
 use super::store::{LogStore, StoreError};
 use crate::wbl::{Durable, HardState as WblHardState, Wbl};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -38,6 +39,8 @@ pub struct WblStore {
     fetched: BTreeMap<u64, Entry>,
     fetch_requests: RefCell<Vec<(u64, u64, GetEntriesContext)>>,
     pending: VecDeque<(u64, Durable)>,
+    /// The newest snapshot file a follower may be sent, with the membership in its footer.
+    snapshot: Option<(SnapshotDescriptor, ConfState)>,
 }
 
 fn to_raft(h: WblHardState) -> HardState {
@@ -67,6 +70,7 @@ impl WblStore {
             fetched: BTreeMap::new(),
             fetch_requests: RefCell::new(Vec::new()),
             pending: VecDeque::new(),
+            snapshot: None,
             wbl,
         };
         let first = s.first();
@@ -122,6 +126,26 @@ impl WblStore {
         for e in entries {
             self.fetched.insert(e.index, e);
         }
+    }
+
+    /// The newest snapshot file of the shard (after a compaction or an install): what raft
+    /// sends a follower the log no longer covers.
+    pub fn set_snapshot(&mut self, desc: SnapshotDescriptor, cs: ConfState) {
+        self.snapshot = Some((desc, cs));
+    }
+
+    pub fn snapshot_descriptor(&self) -> Option<SnapshotDescriptor> {
+        self.snapshot.as_ref().map(|(d, _)| *d)
+    }
+
+    /// The log was reset to start after an installed snapshot at (`lsn`, `term`).
+    pub fn installed(&mut self, lsn: u64, term: u64, cs: ConfState) {
+        self.base = (lsn, term);
+        self.cache.clear();
+        self.cache_bytes = 0;
+        self.fetched.clear();
+        self.applied = lsn;
+        self.cs = cs;
     }
 
     /// After a release of the log's prefix (compaction): raft's log now starts where the WBL
@@ -229,11 +253,24 @@ impl raft::Storage for WblStore {
         Ok(self.wbl.last_lsn().max(self.base.0))
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Snapshot streaming (keyfort snapshot files over the peer transport) is not built yet.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // The message carries the descriptor; the follower fetches the file itself.
+        match &self.snapshot {
+            Some((d, cs)) if d.lsn >= request_index => {
+                let mut s = Snapshot {
+                    data: d.encode().to_vec().into(),
+                    ..Default::default()
+                };
+                let m = s.mut_metadata();
+                m.index = d.lsn;
+                m.term = d.term;
+                m.set_conf_state(cs.clone());
+                Ok(s)
+            }
+            _ => Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            )),
+        }
     }
 }
 
