@@ -34,6 +34,10 @@ pub struct ShardStatus {
     pub applied: u64,
     pub digest: String,
     pub partitions: u64,
+    /// First LSN the node's log still holds.
+    pub log_first: u64,
+    /// LSN of the snapshot under its state (0: none).
+    pub snapshot: u64,
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
@@ -225,6 +229,8 @@ impl LocalCluster {
                     applied: u(s, "applied"),
                     digest: s["digest"].as_str().unwrap_or("").to_string(),
                     partitions: u(s, "partitions"),
+                    log_first: u(s, "log_first"),
+                    snapshot: u(s, "snapshot"),
                 })
                 .collect(),
         )
@@ -260,7 +266,8 @@ impl LocalCluster {
 
     /// Checks, with every node stopped, that each proposal a node acknowledged on `shard`
     /// (`acked-<shard>.log`) is in a majority of the nodes' logs with the term it was
-    /// acknowledged in; returns how many were checked.
+    /// acknowledged in (or below a log's first LSN: released under a snapshot); returns how
+    /// many were checked.
     pub fn check_acked_in_majority(&self, shard: u32) -> Result<u64, String> {
         let logs = self
             .nodes
@@ -276,7 +283,12 @@ impl LocalCluster {
                 let (Some(Ok(i)), Some(Ok(t))) = (it.next(), it.next()) else {
                     continue; // a line cut by SIGKILL
                 };
-                let holders = logs.iter().filter(|l| l.get(&i) == Some(&t)).count();
+                // A log released below its snapshot no longer holds the entry; its snapshot,
+                // made of committed state only, covers it.
+                let holders = logs
+                    .iter()
+                    .filter(|(first, l)| i < *first || l.get(&i) == Some(&t))
+                    .count();
                 if holders * 2 <= self.nodes.len() {
                     return Err(format!(
                         "shard {shard}: acknowledged entry {i} (term {t}) is in {holders} of {} logs",
@@ -327,8 +339,8 @@ impl Drop for LocalCluster {
     }
 }
 
-/// LSN → term of every durable record of a log (opened read-only).
-pub fn log_terms(dir: &Path) -> Result<std::collections::BTreeMap<u64, u64>, String> {
+/// The first LSN of a log and LSN → term of every durable record (opened read-only).
+pub fn log_terms(dir: &Path) -> Result<(u64, std::collections::BTreeMap<u64, u64>), String> {
     use keyfort_engine::wbl::{Wbl, WblOptions};
     let probe_dir = dir.to_path_buf();
     let dir = dir.to_path_buf();
@@ -344,7 +356,7 @@ pub fn log_terms(dir: &Path) -> Result<std::collections::BTreeMap<u64, u64>, Str
             let rec = rec.map_err(|e| e.to_string())?;
             out.insert(rec.lsn, rec.term);
         }
-        Ok(out)
+        Ok((wbl.first_lsn(), out))
     })
     .map_err(|e| e.to_string())?
 }

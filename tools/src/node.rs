@@ -9,12 +9,14 @@
 use crate::cluster_cmd::{hex, shard_snapshot_dir, shard_wbl_dir};
 use keyfort_engine::cluster::{read_cluster_config, read_identity, ClusterConfig, Identity};
 use keyfort_engine::compaction::CompactionConfig;
-use keyfort_engine::raft::{Replica, Transport};
+use keyfort_engine::raft::snapshot::{SnapshotDescriptor, SnapshotSource};
+use keyfort_engine::raft::{Replica, SnapshotSetup, Transport};
 use keyfort_engine::recovery::open_and_recover;
 use keyfort_engine::state::Op;
 use keyfort_engine::wbl::WblOptions;
 use keyfort_hsm::{CoreSession, PartitionId};
 use keyfort_net::peer::{PeerIdentity, Prover};
+use keyfort_net::snapshot_stream::fetch_snapshot;
 use keyfort_net::transport::PeerTransport;
 use raft::eraftpb::{ConfState, Message};
 use serde::Deserialize;
@@ -61,6 +63,15 @@ pub struct NodeConfig {
     /// `compaction::COMPACTION_RECORDS_THRESHOLD`).
     #[serde(default)]
     pub compaction_records: Option<u64>,
+    /// `[min, max]` log entries kept below the applied index at a compaction (default
+    /// `[10000, 1000000]`, `raft::driver::RETAIN_LOG_ENTRIES_*`): a follower further behind
+    /// than the log kept is sent a snapshot file.
+    #[serde(default)]
+    pub log_retention_entries: Option<[u64; 2]>,
+    /// WBL segment size in bytes (default `wbl::SEGMENT_BYTES_DEFAULT`; the log is released a
+    /// whole segment at a time).
+    #[serde(default)]
+    pub wbl_segment_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +96,34 @@ impl Prover for CardProver {
     }
     fn verify(&self, msg: &[u8], mac: &[u8; 32]) -> Result<bool, String> {
         Prover::verify(&*self.0, msg, mac)
+    }
+}
+
+/// Fetches snapshot files from peers over the transport's snapshot stream.
+struct StreamFrom(Rc<PeerTransport>);
+
+impl SnapshotSource for StreamFrom {
+    fn fetch<'a>(
+        &'a self,
+        from: u64,
+        desc: &'a SnapshotDescriptor,
+        dest: &'a Path,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + 'a>> {
+        Box::pin(async move {
+            let r = fetch_snapshot(&self.0, from, desc.shard, desc.lsn, desc.term, dest)
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(
+                shard = desc.shard,
+                lsn = desc.lsn,
+                from,
+                bytes = r.bytes,
+                resumes = r.resumes,
+                ms = r.elapsed.as_secs_f64() * 1e3,
+                "snapshot fetched"
+            );
+            Ok(())
+        })
     }
 }
 
@@ -160,6 +199,12 @@ async fn node(
         peers,
         handler,
     );
+    let snap_root = cfg.data_dir.clone();
+    transport.serve_snapshots(Rc::new(move |shard: u32, lsn: u64, _term: u64| {
+        let p =
+            shard_snapshot_dir(&snap_root, shard).join(keyfort_engine::snapshot::file_name(lsn));
+        p.exists().then_some(p)
+    }));
     let bound = transport
         .listen(cfg.peer_listen)
         .map_err(|e| format!("peer listener {}: {e}", cfg.peer_listen))?;
@@ -172,7 +217,14 @@ async fn node(
         let start = open_and_recover(
             &shard_snapshot_dir(&cfg.data_dir, shard),
             &shard_wbl_dir(&cfg.data_dir, shard),
-            WblOptions::default(),
+            WblOptions {
+                segment_bytes: cfg
+                    .wbl_segment_bytes
+                    .unwrap_or(keyfort_engine::wbl::SEGMENT_BYTES_DEFAULT),
+                writer_queue: Some(queues.foreground),
+                background_queue: Some(queues.background),
+                ..WblOptions::default()
+            },
             &*session,
             IDEMPOTENCY_WINDOW_LSNS,
         )
@@ -188,6 +240,14 @@ async fn node(
         )
         .await
         .map_err(|e| format!("shard {shard}: {e}"))?;
+        if let Some([min, max]) = cfg.log_retention_entries {
+            r.set_log_retention(min, max);
+        }
+        r.enable_snapshots(SnapshotSetup {
+            source: Rc::new(StreamFrom(transport.clone())),
+            dir: shard_snapshot_dir(&cfg.data_dir, shard),
+            mac: session.clone(),
+        });
         replicas.borrow_mut().push(r.clone());
         glommio::spawn_local(r.clone().run_ticker(Duration::from_millis(cfg.tick_ms))).detach();
         let compaction = CompactionConfig {
@@ -315,6 +375,8 @@ fn write_status(
                     "applied": c.applied(),
                     "digest": format!("{:032x}", c.state_machine().digest().0),
                     "partitions": c.state_machine().partitions().count(),
+                    "log_first": c.store().wbl().first_lsn(),
+                    "snapshot": c.state_machine().base().map_or(0, |b| b.lsn()),
                 })
             })
         })

@@ -38,7 +38,12 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
     );
     for round in 0..ROUNDS {
         let victim = if round % 2 == 0 {
-            c.leader(0).expect("shard 0 has a leader")
+            let mut leader = None;
+            c.wait_for(PROGRESS_TIMEOUT, |c| {
+                leader = c.leader(0);
+                leader.is_some()
+            });
+            leader.expect("shard 0 has a leader")
         } else {
             round % 3
         };
@@ -82,4 +87,84 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
             assert!(snaps > 0, "node {} never compacted shard {shard}", n.id);
         }
     }
+}
+
+#[test]
+fn a_node_down_past_the_kept_log_catches_up_from_a_streamed_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = LocalCluster::create(
+        root.path(),
+        env!("CARGO_BIN_EXE_keyfort").as_ref(),
+        env!("CARGO_BIN_EXE_keyfortd").as_ref(),
+        3,
+        1,
+        8,
+        50,
+    )
+    .unwrap();
+    // Compact often and keep almost no log: a node down for a while needs a snapshot.
+    c.configure(|v| {
+        v["compaction_records"] = serde_json::json!(COMPACTION_RECORDS);
+        v["log_retention_entries"] = serde_json::json!([50, 50]);
+        v["wbl_segment_bytes"] = serde_json::json!(512 * 1024);
+    })
+    .unwrap();
+    c.start_all().unwrap();
+    assert!(c.wait_for(PROGRESS_TIMEOUT, |c| c.max_commit(0) > 50));
+    let mut leader = None;
+    assert!(c.wait_for(PROGRESS_TIMEOUT, |c| {
+        leader = c.leader(0);
+        leader.is_some()
+    }));
+    let victim = (leader.expect("a leader") + 1) % 3;
+    c.kill9(victim);
+    let down_at = c.max_commit(0);
+    // Compactions pass while it is down until every live node's log starts past where the
+    // victim stopped: it can only catch up from a snapshot.
+    assert!(
+        c.wait_for(PROGRESS_TIMEOUT * 2, |c| (0..3)
+            .filter(|&i| i != victim)
+            .all(|i| c.status(i).is_some_and(|s| s[0].log_first > down_at + 1))),
+        "the live nodes never released their logs past {down_at}"
+    );
+    let target = c.max_commit(0);
+    let snap_dir = c.nodes[victim].data_dir.join("shard-0/snap");
+    let before: Vec<_> = std::fs::read_dir(&snap_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    c.start(victim).unwrap();
+    assert!(
+        c.wait_for(PROGRESS_TIMEOUT, |c| c
+            .status(victim)
+            .is_some_and(|s| s[0].applied >= target)),
+        "node {} did not catch up",
+        c.nodes[victim].id
+    );
+    let after: Vec<_> = std::fs::read_dir(&snap_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        after.iter().any(|f| !before.contains(f)),
+        "node {} caught up without a new snapshot file ({before:?} -> {after:?})",
+        c.nodes[victim].id
+    );
+    let log = std::fs::read_to_string(
+        c.nodes[victim]
+            .data_dir
+            .parent()
+            .unwrap()
+            .join("keyfortd.log"),
+    )
+    .unwrap_or_default();
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("snapshot"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    c.kill_all();
+    assert!(c.check_acked_in_majority(0).unwrap() > 100);
 }
