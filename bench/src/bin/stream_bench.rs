@@ -3,30 +3,32 @@
 //! The follower fetches a 1 GiB snapshot-sized file (pseudo-random bytes, written first to the
 //! scratch directory) from the leader with `keyfort_net::snapshot_stream::fetch_snapshot` —
 //! windowed 1 MiB chunks, crc-checked, written to a partial file, fdatasynced, renamed, the
-//! directory synced — `--runs` times. Beside each run, the physical reference: the disk's
-//! O_DIRECT sequential read of the same file (`keyfort_bench::disk::sequential_read_gb_per_s`).
-//! Medians are reported; GB = 10^9 bytes.
+//! directory synced — `--runs` times. Beside each run, the physical references: the disk's
+//! O_DIRECT sequential read of the same file (`keyfort_bench::disk::sequential_read_gb_per_s`)
+//! and its durable O_DIRECT sequential write of as many bytes the way the fetcher writes them
+//! (1 MiB writes, 4 in flight, then fdatasync). Medians are reported; GB = 10^9 bytes.
 //!
 //! `cargo run --release -p keyfort-bench --bin stream_bench -- --out docs/bench/stream.json`
 
 use hmac::{Hmac, Mac};
 use keyfort_bench::{disk, machine, median, write_json};
-use keyfort_engine::exec::{spawn_executor, ExecConfig};
+use keyfort_engine::exec::{run_local, spawn_executor, ExecConfig};
 use keyfort_net::peer::{PeerIdentity, Prover, CLUSTER_ID_LEN, PROOF_LEN};
 use keyfort_net::snapshot_stream::{
-    fetch_snapshot, FetchReport, STREAM_CHUNK_BYTES, STREAM_WINDOW_CHUNKS,
+    fetch_snapshot, FetchReport, MAX_WRITES_IN_FLIGHT, STREAM_CHUNK_BYTES, STREAM_WINDOW_CHUNKS,
 };
 use keyfort_net::transport::PeerTransport;
 use serde_json::{json, Value};
 use sha2::Sha256;
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Flags of `stream_bench`.
 #[derive(clap::Parser)]
@@ -115,6 +117,46 @@ fn write_source(path: &Path, bytes: u64) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// The disk's durable sequential write of `bytes` into a new file in `dir`, as the fetcher
+/// writes: O_DIRECT 1 MiB writes, `MAX_WRITES_IN_FLIGHT` in flight, then fdatasync. Returns
+/// (GB/s to the last write done, GB/s to durable).
+fn sequential_write_gb_per_s(dir: &Path, bytes: u64) -> std::io::Result<(f64, f64)> {
+    let path = dir.join("write-reference");
+    run_local(dir, move |_q| async move {
+        let file = Rc::new(glommio::io::DmaFile::create(&path).await?);
+        let pattern: Vec<u8> = (0..STREAM_CHUNK_BYTES)
+            .map(|i| (i * 31 + 7) as u8)
+            .collect();
+        let start = Instant::now();
+        let mut writes = VecDeque::new();
+        let mut at = 0u64;
+        while at < bytes {
+            let mut buf = file.alloc_dma_buffer(STREAM_CHUNK_BYTES);
+            buf.as_bytes_mut().copy_from_slice(&pattern);
+            let f = file.clone();
+            writes.push_back(glommio::spawn_local(
+                async move { f.write_at(buf, at).await },
+            ));
+            at += STREAM_CHUNK_BYTES as u64;
+            while writes.len() > MAX_WRITES_IN_FLIGHT {
+                if let Some(w) = writes.pop_front() {
+                    w.await?;
+                }
+            }
+        }
+        for w in writes {
+            w.await?;
+        }
+        let written = start.elapsed();
+        file.fdatasync().await?;
+        let durable = start.elapsed();
+        file.remove().await?;
+        let _ = file.close_rc().await;
+        let gb = bytes as f64 / 1e9;
+        Ok((gb / written.as_secs_f64(), gb / durable.as_secs_f64()))
+    })?
+}
+
 /// Starts the leader on its own executor thread serving `src`; returns its address and the
 /// thread's stop flag and handle.
 fn start_leader(
@@ -185,25 +227,35 @@ fn main() {
     let (addr, stop, leader) = start_leader(&args.dir, src.clone());
 
     println!(
-        "{:>4} {:>12} {:>14} {:>9} {:>14}",
-        "run", "stream GB/s", "transfer GB/s", "sync ms", "disk read GB/s"
+        "{:>4} {:>12} {:>14} {:>9} {:>14} {:>15} {:>15}",
+        "run",
+        "stream GB/s",
+        "transfer GB/s",
+        "sync ms",
+        "disk read GB/s",
+        "disk write GB/s",
+        "durable GB/s"
     );
     let mut runs = Vec::new();
     for i in 0..args.runs {
         let disk_gbps =
             disk::sequential_read_gb_per_s(std::slice::from_ref(&src)).expect("disk read");
+        let (write_gbps, durable_gbps) =
+            sequential_write_gb_per_s(&args.dir, bytes).expect("disk write");
         let r = fetch_once(&args.dir, addr, dest.clone());
         assert_eq!(r.bytes, bytes, "fetched size");
         let secs = r.elapsed.as_secs_f64();
         let stream_gbps = bytes as f64 / secs / 1e9;
         let transfer_gbps = bytes as f64 / (secs - r.sync.as_secs_f64()) / 1e9;
         println!(
-            "{:>4} {:>12.2} {:>14.2} {:>9.0} {:>14.2}",
+            "{:>4} {:>12.2} {:>14.2} {:>9.0} {:>14.2} {:>15.2} {:>15.2}",
             i + 1,
             stream_gbps,
             transfer_gbps,
             r.sync.as_secs_f64() * 1e3,
-            disk_gbps
+            disk_gbps,
+            write_gbps,
+            durable_gbps
         );
         runs.push(json!({
             "stream_gb_per_s": stream_gbps,
@@ -214,6 +266,8 @@ fn main() {
             "resumes": r.resumes,
             "refetched_chunks": r.refetched_chunks,
             "disk_sequential_read_gb_per_s": disk_gbps,
+            "disk_sequential_write_gb_per_s": write_gbps,
+            "disk_sequential_write_durable_gb_per_s": durable_gbps,
         }));
     }
     stop.store(true, Ordering::Relaxed);
@@ -228,9 +282,12 @@ fn main() {
     let transfer = med("transfer_gb_per_s");
     let sync_ms = med("sync_ms");
     let disk_gbps = med("disk_sequential_read_gb_per_s");
+    let write_gbps = med("disk_sequential_write_gb_per_s");
+    let durable_gbps = med("disk_sequential_write_durable_gb_per_s");
     println!(
-        "median: stream {stream:.2} GB/s (transfer {transfer:.2} GB/s, final sync {sync_ms:.0} ms), disk sequential read {disk_gbps:.2} GB/s: stream/disk {:.2}",
-        stream / disk_gbps
+        "median: stream {stream:.2} GB/s (transfer {transfer:.2} GB/s, final sync {sync_ms:.0} ms); disk sequential read {disk_gbps:.2} GB/s (stream/read {:.2}); disk sequential write {write_gbps:.2} GB/s, durable {durable_gbps:.2} GB/s (stream/durable write {:.2})",
+        stream / disk_gbps,
+        stream / durable_gbps
     );
     let result: Value = json!({
         "benchmark": "stream_bench",
@@ -245,8 +302,11 @@ fn main() {
         "stream_final_sync_ms": sync_ms,
         "disk_sequential_read_gb_per_s": disk_gbps,
         "stream_over_disk_read": stream / disk_gbps,
+        "disk_sequential_write_gb_per_s": write_gbps,
+        "disk_sequential_write_durable_gb_per_s": durable_gbps,
+        "stream_over_disk_durable_write": stream / durable_gbps,
         "per_run": runs,
-        "notes": "stream: from the fetch call to the file durable at dest (fdatasync, rename, directory sync) over 127.0.0.1 with the peer handshake; transfer: the same without the final sync; disk: O_DIRECT sequential read of the source file, measured just before each fetch; GB = 1e9 bytes",
+        "notes": "stream: from the fetch call to the file durable at dest (fdatasync, rename, directory sync) over 127.0.0.1 with the peer handshake; transfer: the same without the final sync; disk read: O_DIRECT sequential read of the source file; disk write: O_DIRECT 1 MiB writes 4 in flight of as many bytes to a new file, to the last write done and to durable (fdatasync); both measured just before each fetch; GB = 1e9 bytes",
     });
     if let Some(out) = &args.out {
         write_json(out, &result).expect("write results");
