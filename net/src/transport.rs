@@ -5,7 +5,8 @@
 //! **One connection per direction.** Node A dials B for A→B traffic and B dials A for B→A; a
 //! connection carries raft batches from its dialer only (the listener sends nothing after
 //! Accept). No tie-breaking is needed, and a dialer treats any byte or EOF from the listener as
-//! a dead connection, so it notices a restarted peer at once.
+//! a dead connection, so it notices a restarted peer at once. (Snapshot fetches use connections
+//! of their own, request/answer: see *Inbound* and [`crate::snapshot_stream`].)
 //!
 //! **Outbound.** [`Transport::send`] never blocks: it encodes each message and appends it to the
 //! bounded queue of its `to` node ([`PEER_QUEUE_MESSAGES`]; when full the message is dropped and
