@@ -6,6 +6,7 @@
 //! of a commit: leader and a follower each fdatasync once).
 //!
 //! `cargo build --release -p keyfort-tools && cargo run --release -p keyfort-bench --bin raft_bench -- --out docs/bench/raft.json`
+//! (`stream_gb_per_s` is copied from `docs/bench/stream.json`: run `stream_bench` first).
 
 use keyfort_bench::local_cluster::LocalCluster;
 use keyfort_bench::{disk, machine, median, write_json, LatencySummary};
@@ -31,6 +32,8 @@ struct Args {
 
 const IN_FLIGHT: [usize; 3] = [1, 16, 256];
 const TICK_MS: u64 = 100;
+/// Where stream_bench writes its results.
+const STREAM_JSON: &str = "docs/bench/stream.json";
 
 fn main() -> Result<(), String> {
     let args: Args = clap::Parser::parse();
@@ -90,6 +93,11 @@ fn main() -> Result<(), String> {
         }));
     }
     let p = |i: usize, k: &str| levels[i][k].clone();
+    // The stream figure is stream_bench's (run it first); copied so raft.json has the issue's keys.
+    let stream: serde_json::Value = std::fs::read_to_string(STREAM_JSON)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(json!({ "stream_gb_per_s": null }));
     let result = json!({
         "benchmark": "raft",
         "command": "cargo build --release -p keyfort-tools && cargo run --release -p keyfort-bench --bin raft_bench -- --out docs/bench/raft.json",
@@ -109,9 +117,10 @@ fn main() -> Result<(), String> {
         "commit_latency_us_p50_256_in_flight": p(2, "p50_us"),
         "commit_latency_us_p99_256_in_flight": p(2, "p99_us"),
         "commits_per_s_256_in_flight": p(2, "commits_per_s"),
-        "stream_gb_per_s": null,
+        "stream_gb_per_s": stream["stream_gb_per_s"],
+        "stream_source": "docs/bench/stream.json (stream_bench: 1 GiB snapshot file between two nodes, durable at the receiver; its disk's sequential read beside it)",
         "rejoin_1m_keys_s": null,
-        "not_measured": "snapshot streaming and rejoin are not built yet (issue 5 closing note)",
+        "not_measured": "rejoin of a wiped node as a new member: joining (ConfChangeV2 replacement) is not built yet (issue 5 closing note)",
     });
     println!(
         "{}",
