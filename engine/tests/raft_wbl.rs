@@ -130,6 +130,29 @@ fn proposals_commit_on_every_log_and_survive_a_full_restart() {
         assert_eq!(keys, 300);
         let read = l.read_index().await.unwrap();
         assert!(read >= 300);
+        // Reads arriving while a round is in flight share the next one: hold the first round
+        // by cutting the leader's followers off, queue 200 reads, then heal.
+        let rounds = l.read_rounds();
+        let lid = l.with_core(|c| c.id());
+        net.cut
+            .borrow_mut()
+            .extend(IDS.iter().copied().filter(|&i| i != lid));
+        let reads: Vec<_> = (0..200)
+            .map(|_| {
+                let l = l.clone();
+                glommio::spawn_local(async move { l.read_index().await })
+            })
+            .collect();
+        glommio::timer::sleep(TICK * 3).await;
+        net.cut.borrow_mut().clear();
+        for r in reads {
+            assert!(r.await.unwrap() >= read);
+        }
+        let used = l.read_rounds() - rounds;
+        assert!(
+            used < 20,
+            "200 concurrent reads took {used} ReadIndex rounds"
+        );
         for r in &rs {
             r.close().await.unwrap();
         }

@@ -27,6 +27,9 @@ pub const RETAIN_LOG_ENTRIES_MIN: u64 = 10_000;
 pub const RETAIN_LOG_ENTRIES_MAX: u64 = 1_000_000;
 /// How often the compactor checks how far the state is past its snapshot.
 pub const COMPACTION_CHECK: Duration = Duration::from_secs(1);
+/// A ReadIndex round not answered within this is started again (raft drops a read it cannot
+/// serve: no leader, or leadership moved).
+pub const READ_ROUND_RETRY: Duration = Duration::from_secs(1);
 /// Most reads of one replica waiting for their read index.
 pub const MAX_PENDING_READS: usize = 65536;
 
@@ -118,7 +121,12 @@ pub struct Replica {
     persisting: Cell<bool>,
     /// By index: the term the proposal was given and its slot.
     proposals: RefCell<BTreeMap<u64, (u64, ProposalSlot)>>,
-    reads: RefCell<BTreeMap<Vec<u8>, ReadSlot>>,
+    /// ReadIndex rounds in flight: context → (started, the reads it serves).
+    reads: RefCell<BTreeMap<Vec<u8>, (std::time::Instant, Vec<ReadSlot>)>>,
+    /// Reads waiting for the next round (one round in flight at a time: reads arriving meanwhile
+    /// share the next one).
+    read_batch: RefCell<Vec<ReadSlot>>,
+    read_rounds: Cell<u64>,
     /// Reads whose index is known, waiting for the applied index to reach it.
     read_waits: RefCell<Vec<(u64, ReadSlot)>>,
     read_seq: Cell<u64>,
@@ -155,6 +163,8 @@ impl Replica {
             persisting: Cell::new(false),
             proposals: RefCell::new(BTreeMap::new()),
             reads: RefCell::new(BTreeMap::new()),
+            read_batch: RefCell::new(Vec::new()),
+            read_rounds: Cell::new(0),
             read_waits: RefCell::new(Vec::new()),
             read_seq: Cell::new(0),
             failed: RefCell::new(None),
@@ -506,6 +516,7 @@ impl Replica {
     /// One tick of the raft clock.
     pub fn tick(self: &Rc<Self>) {
         self.core.borrow_mut().tick();
+        self.retry_stale_reads();
         self.pump();
     }
 
@@ -561,19 +572,68 @@ impl Replica {
     /// A linearizable read point: resolves with an index once this replica applied through it.
     pub async fn read_index(self: &Rc<Self>) -> Result<u64, ReplicaError> {
         self.check_failed()?;
-        if self.reads.borrow().len() >= MAX_PENDING_READS {
+        let pending = self.read_batch.borrow().len()
+            + self
+                .reads
+                .borrow()
+                .values()
+                .map(|r| r.1.len())
+                .sum::<usize>();
+        if pending >= MAX_PENDING_READS {
             return Err(ReplicaError::Busy {
                 max: MAX_PENDING_READS,
             });
         }
+        let slot = Slot::new();
+        self.read_batch.borrow_mut().push(slot.clone());
+        if self.reads.borrow().is_empty() {
+            self.start_read_round();
+            self.pump();
+        }
+        slot.await
+    }
+
+    /// ReadIndex rounds started so far (each serves every read batched into it).
+    pub fn read_rounds(&self) -> u64 {
+        self.read_rounds.get()
+    }
+
+    /// Starts one ReadIndex round for every read batched so far (no pump: callers pump).
+    fn start_read_round(&self) {
+        let batch = std::mem::take(&mut *self.read_batch.borrow_mut());
+        if batch.is_empty() {
+            return;
+        }
         let seq = self.read_seq.get() + 1;
         self.read_seq.set(seq);
         let ctx = seq.to_le_bytes().to_vec();
-        let slot = Slot::new();
-        self.reads.borrow_mut().insert(ctx.clone(), slot.clone());
+        self.reads
+            .borrow_mut()
+            .insert(ctx.clone(), (std::time::Instant::now(), batch));
+        self.read_rounds.set(self.read_rounds.get() + 1);
         self.core.borrow_mut().read_index(ctx);
-        self.pump();
-        slot.await
+    }
+
+    /// A round raft dropped (no leader, leadership moved) is retried with the next one.
+    fn retry_stale_reads(&self) {
+        let stale: Vec<Vec<u8>> = self
+            .reads
+            .borrow()
+            .iter()
+            .filter(|(_, (t, _))| t.elapsed() >= READ_ROUND_RETRY)
+            .map(|(ctx, _)| ctx.clone())
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        for ctx in stale {
+            if let Some((_, slots)) = self.reads.borrow_mut().remove(&ctx) {
+                self.read_batch.borrow_mut().extend(slots);
+            }
+        }
+        if self.reads.borrow().is_empty() {
+            self.start_read_round();
+        }
     }
 
     fn submit(
@@ -613,7 +673,12 @@ impl Replica {
         for (_, (_, s)) in std::mem::take(&mut *self.proposals.borrow_mut()) {
             s.set(Err(ReplicaError::Stopped(msg.clone())));
         }
-        for (_, s) in std::mem::take(&mut *self.reads.borrow_mut()) {
+        for (_, (_, slots)) in std::mem::take(&mut *self.reads.borrow_mut()) {
+            for s in slots {
+                s.set(Err(ReplicaError::Stopped(msg.clone())));
+            }
+        }
+        for s in std::mem::take(&mut *self.read_batch.borrow_mut()) {
             s.set(Err(ReplicaError::Stopped(msg.clone())));
         }
         for (_, s) in std::mem::take(&mut *self.read_waits.borrow_mut()) {
@@ -664,8 +729,13 @@ impl Replica {
                     self.resolve(*index, *term, Applied::Conf(conf.clone()))
                 }
                 Event::ReadIndex { ctx, index } => {
-                    if let Some(s) = self.reads.borrow_mut().remove(ctx) {
-                        self.read_waits.borrow_mut().push((*index, s));
+                    let round = self.reads.borrow_mut().remove(ctx);
+                    if let Some((_, slots)) = round {
+                        let mut w = self.read_waits.borrow_mut();
+                        w.extend(slots.into_iter().map(|s| (*index, s)));
+                    }
+                    if self.reads.borrow().is_empty() {
+                        self.start_read_round();
                     }
                 }
                 _ => {}
