@@ -114,6 +114,8 @@ impl<T> Future for Slot<T> {
 
 type ProposalSlot = Slot<Result<Applied, ReplicaError>>;
 type ReadSlot = Slot<Result<u64, ReplicaError>>;
+/// A ReadIndex round: when it started and the reads it serves.
+type ReadRound = (std::time::Instant, Vec<ReadSlot>);
 
 pub struct Replica {
     core: RefCell<ShardCore<WblStore>>,
@@ -122,7 +124,7 @@ pub struct Replica {
     /// By index: the term the proposal was given and its slot.
     proposals: RefCell<BTreeMap<u64, (u64, ProposalSlot)>>,
     /// ReadIndex rounds in flight: context → (started, the reads it serves).
-    reads: RefCell<BTreeMap<Vec<u8>, (std::time::Instant, Vec<ReadSlot>)>>,
+    reads: RefCell<BTreeMap<Vec<u8>, ReadRound>>,
     /// Reads waiting for the next round (one round in flight at a time: reads arriving meanwhile
     /// share the next one).
     read_batch: RefCell<Vec<ReadSlot>>,
