@@ -125,7 +125,7 @@ fn proposals_commit_on_every_log_and_survive_a_full_restart() {
         let rs = open_all(&path, &net).await;
         let l = leader(&rs).await;
         propose_ops(&rs, 0, 300, create).await;
-        let before = converge(&rs).await;
+        converge(&rs).await;
         let keys = rs[0].with_core(|c| c.state_machine().partitions().count());
         assert_eq!(keys, 300);
         let read = l.read_index().await.unwrap();
@@ -153,6 +153,16 @@ fn proposals_commit_on_every_log_and_survive_a_full_restart() {
             used < 20,
             "200 concurrent reads took {used} ReadIndex rounds"
         );
+        // A follower's proposal reaches the leader and is recognized when applied.
+        let f = rs.iter().find(|r| !r.with_core(|c| c.is_leader())).unwrap();
+        let op = create(10_000);
+        let c = f.propose_anywhere(op.kind(), &op.encode()).await.unwrap();
+        assert!(c.index > 300);
+        let before = converge(&rs).await;
+        assert_eq!(
+            rs[0].with_core(|c| c.state_machine().partitions().count()),
+            301
+        );
         for r in &rs {
             r.close().await.unwrap();
         }
@@ -167,7 +177,7 @@ fn proposals_commit_on_every_log_and_survive_a_full_restart() {
         converge(&rs).await;
         assert_eq!(
             rs[1].with_core(|c| c.state_machine().partitions().count()),
-            400
+            401
         );
         for r in &rs {
             r.close().await.unwrap();

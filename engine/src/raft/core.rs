@@ -73,6 +73,9 @@ pub enum Event {
         term: u64,
         kind: RecordKind,
         result: ApplyResult,
+        /// xxh3-64 of the entry's data (kind ‖ payload): how a follower recognizes a
+        /// proposal it forwarded to the leader.
+        data_hash: u64,
     },
     /// A conf change was applied; `conf` is the membership from now on.
     ConfChanged {
@@ -259,6 +262,30 @@ impl<S: LogStore> ShardCore<S> {
             .propose(vec![], proposal_data(kind, payload))
             .map_err(|e| ProposeError::Dropped(e.to_string()))?;
         Ok(self.last_proposed())
+    }
+
+    /// Proposes a state-machine record from any replica: on the leader as [`Self::propose`];
+    /// on a follower raft forwards it to the leader it knows, and the caller recognizes it by
+    /// the xxh3-64 of its data in [`Event::Applied`] (returned here). A forwarded proposal may
+    /// be lost without notice (leadership moves): callers time out and retry with the same
+    /// idempotency id, which the state machine deduplicates.
+    pub fn propose_anywhere(
+        &mut self,
+        kind: RecordKind,
+        payload: &[u8],
+    ) -> Result<u64, ProposeError> {
+        if self.held.is_some() {
+            return Err(ProposeError::Dropped("installing a snapshot".into()));
+        }
+        if self.leader_id().is_none() {
+            return Err(ProposeError::NotLeader { leader: None });
+        }
+        let data = proposal_data(kind, payload);
+        let hash = xxhash_rust::xxh3::xxh3_64(&data);
+        self.node
+            .propose(vec![], data)
+            .map_err(|e| ProposeError::Dropped(e.to_string()))?;
+        Ok(hash)
     }
 
     /// Proposes a membership change (one joint change for replacements).
@@ -474,6 +501,7 @@ impl<S: LogStore> ShardCore<S> {
                     term: e.term,
                     kind,
                     result,
+                    data_hash: xxhash_rust::xxh3::xxh3_64(e.get_data()),
                 });
             }
         }

@@ -30,6 +30,8 @@ pub const COMPACTION_CHECK: Duration = Duration::from_secs(1);
 /// A ReadIndex round not answered within this is started again (raft drops a read it cannot
 /// serve: no leader, or leadership moved).
 pub const READ_ROUND_RETRY: Duration = Duration::from_secs(1);
+/// How long a follower waits for a proposal it forwarded to be applied.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most reads of one replica waiting for their read index.
 pub const MAX_PENDING_READS: usize = 65536;
 
@@ -46,6 +48,8 @@ pub enum ReplicaError {
     Propose(#[from] ProposeError),
     #[error("the entry was replaced by another leader's: the proposal did not commit")]
     Lost,
+    #[error("a proposal forwarded to the leader was not applied within {0:?}; it may or may not commit: retry with the same idempotency id")]
+    ForwardTimeout(Duration),
     #[error("too many requests waiting ({max})")]
     Busy { max: usize },
     #[error("the replica stopped: {0}")]
@@ -114,6 +118,7 @@ impl<T> Future for Slot<T> {
 
 type ProposalSlot = Slot<Result<Applied, ReplicaError>>;
 type ReadSlot = Slot<Result<u64, ReplicaError>>;
+type ForwardSlot = Slot<Result<Committed, ReplicaError>>;
 /// A ReadIndex round: when it started and the reads it serves.
 type ReadRound = (std::time::Instant, Vec<ReadSlot>);
 
@@ -129,6 +134,8 @@ pub struct Replica {
     /// share the next one).
     read_batch: RefCell<Vec<ReadSlot>>,
     read_rounds: Cell<u64>,
+    /// Proposals this follower forwarded to the leader, by the hash of their data.
+    forwarded: RefCell<std::collections::HashMap<u64, Vec<(std::time::Instant, ForwardSlot)>>>,
     /// Reads whose index is known, waiting for the applied index to reach it.
     read_waits: RefCell<Vec<(u64, ReadSlot)>>,
     read_seq: Cell<u64>,
@@ -167,6 +174,7 @@ impl Replica {
             reads: RefCell::new(BTreeMap::new()),
             read_batch: RefCell::new(Vec::new()),
             read_rounds: Cell::new(0),
+            forwarded: RefCell::new(std::collections::HashMap::new()),
             read_waits: RefCell::new(Vec::new()),
             read_seq: Cell::new(0),
             failed: RefCell::new(None),
@@ -519,6 +527,7 @@ impl Replica {
     pub fn tick(self: &Rc<Self>) {
         self.core.borrow_mut().tick();
         self.retry_stale_reads();
+        self.expire_forwarded();
         self.pump();
     }
 
@@ -558,6 +567,49 @@ impl Replica {
             }),
             Applied::Conf(_) => Err(ReplicaError::Lost),
         }
+    }
+
+    /// Proposes from any replica: on the leader as [`Self::propose`], on a follower forwarded
+    /// to the leader and recognized when applied here (by its data); a forwarded proposal not
+    /// applied within [`FORWARD_TIMEOUT`] fails with `ForwardTimeout` (it may still commit:
+    /// idempotency ids make the retry safe).
+    pub async fn propose_anywhere(
+        self: &Rc<Self>,
+        kind: RecordKind,
+        payload: &[u8],
+    ) -> Result<Committed, ReplicaError> {
+        if self.with_core(|c| c.is_leader()) {
+            return self.propose(kind, payload).await;
+        }
+        self.check_failed()?;
+        let pending: usize = self.forwarded.borrow().values().map(Vec::len).sum();
+        if pending >= MAX_PENDING_PROPOSALS {
+            return Err(ReplicaError::Busy {
+                max: MAX_PENDING_PROPOSALS,
+            });
+        }
+        let hash = self.core.borrow_mut().propose_anywhere(kind, payload)?;
+        let slot = Slot::new();
+        self.forwarded
+            .borrow_mut()
+            .entry(hash)
+            .or_default()
+            .push((std::time::Instant::now(), slot.clone()));
+        self.pump();
+        slot.await
+    }
+
+    fn expire_forwarded(&self) {
+        self.forwarded.borrow_mut().retain(|_, v| {
+            v.retain(|(t, s)| {
+                let expired = t.elapsed() >= FORWARD_TIMEOUT;
+                if expired {
+                    s.set(Err(ReplicaError::ForwardTimeout(FORWARD_TIMEOUT)));
+                }
+                !expired
+            });
+            !v.is_empty()
+        });
     }
 
     /// Proposes a membership change and waits until it is applied here.
@@ -683,6 +735,11 @@ impl Replica {
         for s in std::mem::take(&mut *self.read_batch.borrow_mut()) {
             s.set(Err(ReplicaError::Stopped(msg.clone())));
         }
+        for (_, v) in std::mem::take(&mut *self.forwarded.borrow_mut()) {
+            for (_, s) in v {
+                s.set(Err(ReplicaError::Stopped(msg.clone())));
+            }
+        }
         for (_, s) in std::mem::take(&mut *self.read_waits.borrow_mut()) {
             s.set(Err(ReplicaError::Stopped(msg.clone())));
         }
@@ -725,8 +782,19 @@ impl Replica {
                     index,
                     term,
                     result,
+                    data_hash,
                     ..
-                } => self.resolve(*index, *term, Applied::Record(*result)),
+                } => {
+                    self.resolve(*index, *term, Applied::Record(*result));
+                    let waiting = self.forwarded.borrow_mut().remove(data_hash);
+                    for (_, slot) in waiting.unwrap_or_default() {
+                        slot.set(Ok(Committed {
+                            index: *index,
+                            term: *term,
+                            result: *result,
+                        }));
+                    }
+                }
                 Event::ConfChanged { index, term, conf } => {
                     self.resolve(*index, *term, Applied::Conf(conf.clone()))
                 }
