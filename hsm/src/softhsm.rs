@@ -156,3 +156,31 @@ fn remove_stale(base: &Path) {
         }
     }
 }
+
+/// A session on a fixture card (one realm, shared by every caller) holding the cluster
+/// integrity key named by the bytes `key`: the same bytes give the same key in every thread of
+/// the process, other bytes another key. For tests and benchmarks of the peer handshake, which need real
+/// cards with equal (or deliberately different) integrity keys; sessions are per thread.
+pub fn integrity_session(key: &[u8]) -> Result<crate::card::CoreSession> {
+    type Keyed = HashMap<Vec<u8>, &'static (Card, Vec<u8>)>;
+    static KEYS: OnceLock<Mutex<Keyed>> = OnceLock::new();
+    let entry = {
+        let mut keys = KEYS
+            .get_or_init(|| Mutex::new(HashMap::new()))
+            .lock()
+            .expect("integrity key table");
+        match keys.get(key) {
+            Some(e) => *e,
+            None => {
+                let card = fixture().new_card("peervendor", "peerrealm")?;
+                let wrapped = card.session()?.create_integrity_key()?;
+                let e: &'static (Card, Vec<u8>) = Box::leak(Box::new((card, wrapped)));
+                keys.insert(key.to_vec(), e);
+                e
+            }
+        }
+    };
+    let mut s = entry.0.session()?;
+    s.import_integrity_key(&entry.1)?;
+    Ok(s)
+}

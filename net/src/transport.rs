@@ -852,6 +852,12 @@ impl Transport for PeerTransport {
     fn send(&self, shard: u32, msgs: Vec<Message>) {
         for m in msgs {
             let to = m.to;
+            if to == self.me.node_id {
+                // raft never addresses itself; a peer table naming this node must not make the
+                // transport dial itself (the handshake would refuse it forever).
+                self.bump(|s| s.dropped_unknown_peer += 1);
+                continue;
+            }
             match m.write_to_bytes() {
                 Ok(b) if b.len() <= MAX_RAFT_MESSAGE_BYTES => self.enqueue(to, shard, b),
                 Ok(b) => {

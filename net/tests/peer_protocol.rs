@@ -10,7 +10,10 @@ use keyfort_net::peer::*;
 use proptest::prelude::*;
 use sha2::Sha256;
 
-/// A software stand-in for the card's integrity key.
+/// A software HMAC in place of the card, for this sans-IO state-machine test only: its
+/// property tests run thousands of handshakes with arbitrary keys. Every test that moves bytes
+/// between processes or sockets (peer_transport, snapshot_stream, tools/tests/cluster_procs)
+/// makes its proofs in real SoftHSM cards.
 struct Soft([u8; 32]);
 
 impl Prover for Soft {

@@ -6,37 +6,19 @@
 use futures_lite::future::or;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use hmac::{Hmac, Mac};
 use keyfort_engine::raft::Transport;
+use keyfort_hsm::softhsm::integrity_session;
 use keyfort_net::frame::{self, FrameHeader};
 use keyfort_net::peer::*;
 use keyfort_net::transport::*;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
-use sha2::Sha256;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-
-/// A software stand-in for the card's integrity key (tests only).
-struct Soft([u8; 32]);
-
-impl Prover for Soft {
-    fn mac(&self, msg: &[u8]) -> Result<[u8; PROOF_LEN], String> {
-        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).map_err(|e| e.to_string())?;
-        m.update(msg);
-        Ok(m.finalize().into_bytes().into())
-    }
-
-    fn verify(&self, msg: &[u8], mac: &[u8; PROOF_LEN]) -> Result<bool, String> {
-        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).map_err(|e| e.to_string())?;
-        m.update(msg);
-        Ok(m.verify_slice(mac).is_ok())
-    }
-}
 
 const CLUSTER: [u8; CLUSTER_ID_LEN] = [7; CLUSTER_ID_LEN];
 const KEY: [u8; 32] = [42; 32];
@@ -55,7 +37,7 @@ fn node(id: u64, cluster: [u8; CLUSTER_ID_LEN], key: [u8; 32]) -> (Rc<PeerTransp
             cluster_id: cluster,
             node_id: id,
         },
-        Rc::new(Soft(key)),
+        Rc::new(integrity_session(&key).expect("fixture card")),
         BTreeMap::new(),
         Rc::new(move |from, shard, m| s.borrow_mut().push((from, shard, m))),
     );
@@ -310,7 +292,7 @@ async fn handshaken_client(addr: SocketAddr) -> TcpStream {
         cluster_id: CLUSTER,
         node_id: 3,
     };
-    let prover = Soft(KEY);
+    let prover = integrity_session(&KEY).expect("fixture card");
     let mut d = Dialer::new(me, Some(2), [5; CHALLENGE_LEN]);
     let mut out = Vec::new();
     d.start(&mut out).expect("hello");

@@ -10,16 +10,15 @@
 //!
 //! `cargo run --release -p keyfort-bench --bin stream_bench -- --out docs/bench/stream.json`
 
-use hmac::{Hmac, Mac};
 use keyfort_bench::{disk, machine, median, write_json};
 use keyfort_engine::exec::{run_local, spawn_executor, ExecConfig};
-use keyfort_net::peer::{PeerIdentity, Prover, CLUSTER_ID_LEN, PROOF_LEN};
+use keyfort_hsm::softhsm::integrity_session;
+use keyfort_net::peer::{PeerIdentity, CLUSTER_ID_LEN};
 use keyfort_net::snapshot_stream::{
     fetch_snapshot, FetchReport, MAX_WRITES_IN_FLIGHT, STREAM_CHUNK_BYTES, STREAM_WINDOW_CHUNKS,
 };
 use keyfort_net::transport::PeerTransport;
 use serde_json::{json, Value};
-use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::io::Write;
@@ -62,30 +61,13 @@ const STOP_POLL: Duration = Duration::from_millis(10);
 /// Bytes per write while filling the source file.
 const FILL_BYTES: usize = 8 << 20;
 
-/// A software stand-in for the card's integrity key (benchmark only).
-struct Soft([u8; 32]);
-
-impl Prover for Soft {
-    fn mac(&self, msg: &[u8]) -> Result<[u8; PROOF_LEN], String> {
-        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).map_err(|e| e.to_string())?;
-        m.update(msg);
-        Ok(m.finalize().into_bytes().into())
-    }
-
-    fn verify(&self, msg: &[u8], mac: &[u8; PROOF_LEN]) -> Result<bool, String> {
-        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).map_err(|e| e.to_string())?;
-        m.update(msg);
-        Ok(m.verify_slice(mac).is_ok())
-    }
-}
-
 fn transport(node: u64, peers: BTreeMap<u64, SocketAddr>) -> Rc<PeerTransport> {
     PeerTransport::new(
         PeerIdentity {
             cluster_id: CLUSTER,
             node_id: node,
         },
-        Rc::new(Soft(KEY)),
+        Rc::new(integrity_session(&KEY).expect("fixture card")),
         peers,
         Rc::new(|_, _, _| {}),
     )
