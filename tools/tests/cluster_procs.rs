@@ -80,12 +80,18 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
             "shard {shard}: only {acked} proposals acknowledged"
         );
         eprintln!("shard {shard}: {acked} acknowledged proposals, all in a majority of logs");
-        for n in &c.nodes {
-            let snaps = std::fs::read_dir(n.data_dir.join(format!("shard-{shard}/snap")))
-                .unwrap()
-                .count();
-            assert!(snaps > 0, "node {} never compacted shard {shard}", n.id);
-        }
+        // Compaction ran under the kills (when a node compacts depends on when it was killed
+        // and on a 1 s check, so not every node need have).
+        let compacted = c
+            .nodes
+            .iter()
+            .filter(|n| {
+                std::fs::read_dir(n.data_dir.join(format!("shard-{shard}/snap")))
+                    .map_or(0, |d| d.count())
+                    > 0
+            })
+            .count();
+        assert!(compacted > 0, "no node compacted shard {shard}");
     }
 }
 
