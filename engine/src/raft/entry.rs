@@ -90,7 +90,31 @@ pub fn entry_of(
     Ok(e)
 }
 
-/// Encoded size raft-rs uses for its message size limits (data + a fixed overhead).
+/// Size counted for an entry against the message size limit and the entry cache budget: its
+/// data and context plus a fixed overhead (an upper bound of its protobuf framing).
 pub fn entry_size(e: &Entry) -> u64 {
     (e.data.len() + e.context.len() + 24) as u64
+}
+
+/// Entries `low..high` taken from `get`, stopping before the first one that would take their
+/// total [`entry_size`] past `max_size` (always at least one, as raft-rs expects): the size
+/// rule of every store's `Storage::entries`.
+pub fn collect_within(
+    low: u64,
+    high: u64,
+    max_size: Option<u64>,
+    mut get: impl FnMut(u64) -> raft::Result<Entry>,
+) -> raft::Result<Vec<Entry>> {
+    let max = max_size.unwrap_or(u64::MAX);
+    let mut out = Vec::new();
+    let mut size = 0;
+    for i in low..high {
+        let e = get(i)?;
+        size += entry_size(&e);
+        if !out.is_empty() && size > max {
+            break;
+        }
+        out.push(e);
+    }
+    Ok(out)
 }

@@ -1,7 +1,7 @@
 //! What the shard core needs from a log beyond `raft::Storage`, and the in-memory log of the
 //! deterministic simulation.
 
-use super::entry::{entry_size, record_of, EntryError};
+use super::entry::{collect_within, record_of, EntryError};
 use crate::wbl::record::chain_next;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
@@ -168,17 +168,9 @@ impl raft::Storage for MemLog {
         if high > self.visible.last_index() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let max = max_size.into().unwrap_or(u64::MAX);
-        let mut out = Vec::new();
-        let mut size = 0;
-        for (e, _) in &self.visible.entries[low as usize - 1..high as usize - 1] {
-            size += entry_size(e);
-            if !out.is_empty() && size > max {
-                break;
-            }
-            out.push(e.clone());
-        }
-        Ok(out)
+        collect_within(low, high, max_size.into(), |i| {
+            Ok(self.visible.entries[i as usize - 1].0.clone())
+        })
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {

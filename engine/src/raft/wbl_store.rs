@@ -9,7 +9,7 @@
 //! `LogTemporarilyUnavailable`, is queued, and the shard driver reads them from the WBL and
 //! calls `on_entries_fetched`.
 
-use super::entry::{entry_of, entry_size, record_of};
+use super::entry::{collect_within, entry_of, entry_size, record_of};
 use super::snapshot::SnapshotDescriptor;
 use super::store::{LogStore, StoreError};
 use crate::wbl::{Durable, HardState as WblHardState, Wbl};
@@ -201,18 +201,18 @@ impl raft::Storage for WblStore {
         if high > self.wbl.last_lsn() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let max = max_size.into().unwrap_or(u64::MAX);
-        let mut out = Vec::new();
-        let mut size = 0;
         let cache_first = self.cache_first();
-        for i in low..high {
-            let e = if i >= cache_first {
-                self.cache[(i - cache_first) as usize].clone()
+        let can_async = context.can_async();
+        // Moved into the fetch request of the first missing entry (the walk stops there).
+        let mut context = Some(context);
+        collect_within(low, high, max_size.into(), |i| {
+            if i >= cache_first {
+                Ok(self.cache[(i - cache_first) as usize].clone())
             } else if let Some(e) = self.fetched.get(&i) {
-                e.clone()
-            } else if context.can_async() {
+                Ok(e.clone())
+            } else if let Some(context) = context.take().filter(|_| can_async) {
                 self.fetch_requests.borrow_mut().push((i, high, context));
-                return Err(raft::Error::Store(StorageError::LogTemporarilyUnavailable));
+                Err(raft::Error::Store(StorageError::LogTemporarilyUnavailable))
             } else {
                 // The cache keeps everything above the applied index, which is all raft asks
                 // for synchronously.
@@ -222,15 +222,9 @@ impl raft::Storage for WblStore {
                     index = i,
                     "raft asked synchronously for an evicted entry"
                 );
-                return Err(raft::Error::Store(StorageError::Unavailable));
-            };
-            size += entry_size(&e);
-            if !out.is_empty() && size > max {
-                break;
+                Err(raft::Error::Store(StorageError::Unavailable))
             }
-            out.push(e);
-        }
-        Ok(out)
+        })
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
