@@ -76,6 +76,20 @@ pub struct ClusterConfig {
 
 const CC: &str = "cluster config";
 
+/// A cluster config `field` of `value` within its limit `max`, or the typed error.
+fn range(field: &'static str, value: usize, max: usize) -> Result<(), ClusterError> {
+    if value > max {
+        Err(ClusterError::OutOfRange {
+            what: CC,
+            field,
+            value: value as u64,
+            max: max as u64,
+        })
+    } else {
+        Ok(())
+    }
+}
+
 impl ClusterConfig {
     /// Layout: magic 4, version 1, reserved 3, cluster id 16, shard count u32, member count u16,
     /// per member (node id u64, addr len u16, addr), wrapped key len u32, wrapped key, crc32c u32
@@ -101,18 +115,6 @@ impl ClusterConfig {
     }
 
     fn check(&self) -> Result<(), ClusterError> {
-        let range = |field, value: usize, max: usize| {
-            if value > max {
-                Err(ClusterError::OutOfRange {
-                    what: CC,
-                    field,
-                    value: value as u64,
-                    max: max as u64,
-                })
-            } else {
-                Ok(())
-            }
-        };
         if self.shard_count == 0 {
             return Err(ClusterError::Invalid {
                 what: CC,
@@ -156,14 +158,7 @@ impl ClusterConfig {
         let cluster_id: [u8; 16] = r.take(16)?.try_into().expect("16 bytes");
         let shard_count = r.u32()?;
         let n = r.u16()? as usize;
-        if n > MEMBERS_MAX {
-            return Err(ClusterError::OutOfRange {
-                what: CC,
-                field: "member count",
-                value: n as u64,
-                max: MEMBERS_MAX as u64,
-            });
-        }
+        range("member count", n, MEMBERS_MAX)?;
         let mut members = Vec::with_capacity(n);
         for _ in 0..n {
             let node_id = r.u64()?;
@@ -178,14 +173,7 @@ impl ClusterConfig {
             });
         }
         let len = r.u32()? as usize;
-        if len > WRAPPED_KEY_BYTES_MAX {
-            return Err(ClusterError::OutOfRange {
-                what: CC,
-                field: "wrapped key length",
-                value: len as u64,
-                max: WRAPPED_KEY_BYTES_MAX as u64,
-            });
-        }
+        range("wrapped key length", len, WRAPPED_KEY_BYTES_MAX)?;
         let integrity_key_wrapped = r.take(len)?.to_vec();
         let body = r.at;
         let crc = r.u32()?;
