@@ -3,88 +3,23 @@
 //! receiver restarts on the same port, and raw clients sending garbage or out-of-turn frames
 //! being cut off while the listener keeps serving its peers.
 
-use futures_lite::future::or;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use keyfort_engine::raft::Transport;
+mod common;
+use common::*;
 use keyfort_hsm::softhsm::integrity_session;
 use keyfort_net::frame::{self, FrameHeader};
 use keyfort_net::peer::*;
 use keyfort_net::transport::*;
 use protobuf::Message as _;
-use raft::eraftpb::{Message, MessageType};
-use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-const CLUSTER: [u8; CLUSTER_ID_LEN] = [7; CLUSTER_ID_LEN];
-const KEY: [u8; 32] = [42; 32];
 /// Bound of every test body.
 const TEST_LIMIT: Duration = Duration::from_secs(60);
-/// Bound of every wait for a condition.
-const WAIT_LIMIT: Duration = Duration::from_secs(20);
-
-type Sink = Rc<RefCell<Vec<(u64, u32, Message)>>>;
-
-fn node(id: u64, cluster: [u8; CLUSTER_ID_LEN], key: [u8; 32]) -> (Rc<PeerTransport>, Sink) {
-    let sink: Sink = Rc::default();
-    let s = sink.clone();
-    let t = PeerTransport::new(
-        PeerIdentity {
-            cluster_id: cluster,
-            node_id: id,
-        },
-        Rc::new(integrity_session(&key).expect("fixture card")),
-        BTreeMap::new(),
-        Rc::new(move |from, shard, m| s.borrow_mut().push((from, shard, m))),
-    );
-    (t, sink)
-}
-
-fn localhost() -> SocketAddr {
-    "127.0.0.1:0".parse().expect("address")
-}
-
-fn heartbeat(from: u64, to: u64, commit: u64) -> Message {
-    let mut m = Message::default();
-    m.set_msg_type(MessageType::MsgHeartbeat);
-    m.from = from;
-    m.to = to;
-    m.term = 1;
-    m.commit = commit;
-    m
-}
-
-/// Runs `f` on a fresh executor, failing the test after `TEST_LIMIT`.
-fn run<F, Fut>(name: &str, f: F)
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let dir = std::env::temp_dir().join(format!("keyfort-net-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    keyfort_engine::exec::run_local(&dir, |_queues| async move {
-        or(f(), async {
-            glommio::timer::sleep(TEST_LIMIT).await;
-            panic!("test {name} ran past {TEST_LIMIT:?}");
-        })
-        .await
-    })
-    .expect("executor");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Waits until `cond` holds, failing after `WAIT_LIMIT`.
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < WAIT_LIMIT, "timed out waiting for {what}");
-        glommio::timer::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 /// Reads until EOF or error (the peer closed the connection); returns the bytes read.
 async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
@@ -127,7 +62,7 @@ async fn send_range(t: &PeerTransport, to: &[u64], range: std::ops::Range<u64>) 
 
 #[test]
 fn ten_thousand_messages_reach_two_peers_in_order_and_batched() {
-    run("batch", || async {
+    run("batch", TEST_LIMIT, |_| async {
         let (t1, _s1) = node(1, CLUSTER, KEY);
         let (t2, s2) = node(2, CLUSTER, KEY);
         let (t3, s3) = node(3, CLUSTER, KEY);
@@ -179,7 +114,7 @@ fn ten_thousand_messages_reach_two_peers_in_order_and_batched() {
 
 /// `intruder` (node 3, in the receiver's table) holds another key or another cluster id.
 fn refused(name: &str, cluster: [u8; CLUSTER_ID_LEN], key: [u8; 32]) {
-    run(name, || async move {
+    run(name, TEST_LIMIT, |_| async move {
         let (t2, s2) = node(2, CLUSTER, KEY);
         let (t3, s3) = node(3, cluster, key);
         let mut table = BTreeMap::new();
@@ -241,7 +176,7 @@ fn listening_pair(
 
 #[test]
 fn sender_reconnects_after_receiver_restarts_on_the_same_port() {
-    run("reconnect", || async {
+    run("reconnect", TEST_LIMIT, |_| async {
         let (t1, t2, s2, table) = listening_pair(&[]);
         let addr2 = table[&2];
 
@@ -332,7 +267,7 @@ fn batch_frame(opcode: u16, msgs: &[(u32, &[u8])]) -> Vec<u8> {
 
 #[test]
 fn bad_clients_are_cut_off_and_peers_still_served() {
-    run("garbage", || async {
+    run("garbage", TEST_LIMIT, |_| async {
         let (t1, t2, s2, table) = listening_pair(&[3]);
         let addr2 = table[&2];
 

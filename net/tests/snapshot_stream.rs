@@ -4,27 +4,18 @@
 //! not a chunk multiple) arrive whole; an unknown snapshot is a typed error that leaves no file;
 //! a node with another key cannot fetch. Both nodes run on one executor.
 
-use futures_lite::future::or;
+mod common;
+use common::*;
 use keyfort_engine::raft::Transport;
-use keyfort_hsm::softhsm::integrity_session;
-use keyfort_net::peer::*;
 use keyfort_net::snapshot_stream::*;
 use keyfort_net::transport::*;
-use raft::eraftpb::{Message, MessageType};
-use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const CLUSTER: [u8; CLUSTER_ID_LEN] = [7; CLUSTER_ID_LEN];
-const KEY: [u8; 32] = [42; 32];
 /// Bound of every test body.
 const TEST_LIMIT: Duration = Duration::from_secs(120);
-/// Bound of every wait for a condition.
-const WAIT_LIMIT: Duration = Duration::from_secs(20);
 /// The serving node.
 const LEADER: u64 = 1;
 /// The fetching node.
@@ -34,31 +25,10 @@ const SNAP: (u32, u64, u64) = (3, 1000, 7);
 /// Size of the big test file.
 const BIG: usize = 64 << 20;
 
-type Sink = Rc<RefCell<Vec<(u64, u32, Message)>>>;
-
-fn node(id: u64, key: [u8; 32]) -> (Rc<PeerTransport>, Sink) {
-    let sink: Sink = Rc::default();
-    let s = sink.clone();
-    let t = PeerTransport::new(
-        PeerIdentity {
-            cluster_id: CLUSTER,
-            node_id: id,
-        },
-        Rc::new(integrity_session(&key).expect("fixture card")),
-        BTreeMap::new(),
-        Rc::new(move |from, shard, m| s.borrow_mut().push((from, shard, m))),
-    );
-    (t, sink)
-}
-
-fn localhost() -> SocketAddr {
-    "127.0.0.1:0".parse().expect("address")
-}
-
 /// A leader serving `file` as `SNAP` and a follower (with `key`) that knows its address.
 fn pair(file: &Path, key: [u8; 32]) -> (Rc<PeerTransport>, Sink, Rc<PeerTransport>) {
-    let (leader, sink) = node(LEADER, KEY);
-    let (follower, _) = node(FOLLOWER, key);
+    let (leader, sink) = node(LEADER, CLUSTER, KEY);
+    let (follower, _) = node(FOLLOWER, CLUSTER, key);
     let addr = leader.listen(localhost()).expect("listen");
     // The follower does not listen; the leader only needs it as a member.
     leader.set_peers(BTreeMap::from([(FOLLOWER, localhost())]));
@@ -92,53 +62,13 @@ fn assert_same(a: &Path, b: &Path) {
     assert!(!partial_path(b).exists(), "partial file left behind");
 }
 
-/// Runs `f(dir)` on a fresh executor with a scratch directory, failing after `TEST_LIMIT`.
-fn run<F, Fut>(name: &str, f: F)
-where
-    F: FnOnce(PathBuf) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let dir = std::env::temp_dir().join(format!("keyfort-stream-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let d = dir.clone();
-    keyfort_engine::exec::run_local(&dir, |_queues| async move {
-        or(f(d), async {
-            glommio::timer::sleep(TEST_LIMIT).await;
-            panic!("test {name} ran past {TEST_LIMIT:?}");
-        })
-        .await
-    })
-    .expect("executor");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Waits until `cond` holds, failing after `WAIT_LIMIT`.
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < WAIT_LIMIT, "timed out waiting for {what}");
-        glommio::timer::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn heartbeat(from: u64, to: u64, commit: u64) -> Message {
-    let mut m = Message::default();
-    m.set_msg_type(MessageType::MsgHeartbeat);
-    m.from = from;
-    m.to = to;
-    m.term = 1;
-    m.commit = commit;
-    m
-}
-
 async fn fetch(follower: &Rc<PeerTransport>, dest: &Path) -> Result<FetchReport, StreamError> {
     fetch_snapshot(follower, LEADER, SNAP.0, SNAP.1, SNAP.2, dest).await
 }
 
 #[test]
 fn a_64_mib_snapshot_arrives_byte_identical_beside_raft_traffic() {
-    run("big", |dir| async move {
+    run("big", TEST_LIMIT, |dir| async move {
         let src = dir.join("snap.src");
         write_file(&src, BIG);
         let dest = dir.join("snap.fetched");
@@ -188,7 +118,7 @@ async fn fetch_big_with(
 
 #[test]
 fn a_stream_broken_halfway_resumes_from_the_verified_prefix() {
-    run("resume", |dir| async move {
+    run("resume", TEST_LIMIT, |dir| async move {
         let half = (BIG / STREAM_CHUNK_BYTES / 2) as u64;
         let faults = ServeFaults {
             corrupt_chunk_at: None,
@@ -210,7 +140,7 @@ fn a_stream_broken_halfway_resumes_from_the_verified_prefix() {
 
 #[test]
 fn a_corrupted_chunk_is_refused_and_fetched_again() {
-    run("corrupt", |dir| async move {
+    run("corrupt", TEST_LIMIT, |dir| async move {
         let faults = ServeFaults {
             corrupt_chunk_at: Some(10 * STREAM_CHUNK_BYTES as u64),
             close_after_chunks: None,
@@ -226,7 +156,7 @@ fn a_corrupted_chunk_is_refused_and_fetched_again() {
 
 #[test]
 fn odd_sizes_arrive_whole() {
-    run("odd", |dir| async move {
+    run("odd", TEST_LIMIT, |dir| async move {
         for len in [0, 1, STREAM_CHUNK_BYTES, 3 * STREAM_CHUNK_BYTES + 12_345] {
             let src = dir.join(format!("snap-{len}.src"));
             write_file(&src, len);
@@ -247,7 +177,7 @@ fn odd_sizes_arrive_whole() {
 
 #[test]
 fn an_unknown_snapshot_is_a_typed_error_and_leaves_no_file() {
-    run("unknown", |dir| async move {
+    run("unknown", TEST_LIMIT, |dir| async move {
         let src = dir.join("snap.src");
         write_file(&src, 1 << 20);
         let dest = dir.join("snap.fetched");
@@ -276,7 +206,7 @@ fn an_unknown_snapshot_is_a_typed_error_and_leaves_no_file() {
 
 #[test]
 fn a_node_with_another_key_cannot_fetch() {
-    run("wrong-key", |dir| async move {
+    run("wrong-key", TEST_LIMIT, |dir| async move {
         let src = dir.join("snap.src");
         write_file(&src, 1 << 20);
         let dest = dir.join("snap.fetched");
