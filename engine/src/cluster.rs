@@ -196,6 +196,12 @@ impl ClusterConfig {
     }
 }
 
+/// The shard that owns `partition` in a cluster of `shard_count` shards: the xxh3-64 of the
+/// partition id modulo the shard count (fixed at `cluster init`, so a partition never moves).
+pub fn shard_of(partition: &keyfort_hsm::PartitionId, shard_count: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(&partition.0) % u64::from(shard_count.max(1))) as u32
+}
+
 /// Which cluster a data dir belongs to and its raft id there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Identity {
