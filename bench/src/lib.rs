@@ -3,6 +3,7 @@
 //! every storage figure is compared against *in the same run*.
 
 pub mod appenders;
+pub mod bulk;
 pub mod disk;
 pub mod local_cluster;
 
