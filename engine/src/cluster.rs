@@ -68,7 +68,11 @@ pub struct Member {
 pub struct ClusterConfig {
     pub cluster_id: [u8; 16],
     pub shard_count: u32,
-    /// The initial voters of every shard, ascending node id.
+    /// The raft id the next member to join gets; above every id ever given (ids are never
+    /// reused: a replaced node's id could otherwise vote twice).
+    pub next_node_id: u64,
+    /// The current members, ascending node id: at `cluster init` the initial voters of every
+    /// shard; a join replaces the member at the joiner's address (shard 0 carries the updates).
     pub members: Vec<Member>,
     /// `Card::create_integrity_key` output (docs/format.md §2.4).
     pub integrity_key_wrapped: Vec<u8>,
@@ -91,7 +95,8 @@ fn range(field: &'static str, value: usize, max: usize) -> Result<(), ClusterErr
 }
 
 impl ClusterConfig {
-    /// Layout: magic 4, version 1, reserved 3, cluster id 16, shard count u32, member count u16,
+    /// Layout: magic 4, version 1, reserved 3, cluster id 16, shard count u32, next node id u64,
+    /// member count u16,
     /// per member (node id u64, addr len u16, addr), wrapped key len u32, wrapped key, crc32c u32
     /// of everything before it. Little-endian.
     pub fn encode(&self) -> Result<Vec<u8>, ClusterError> {
@@ -101,6 +106,7 @@ impl ClusterConfig {
         w.extend_from_slice(&[CLUSTER_CONFIG_VERSION, 0, 0, 0]);
         w.extend_from_slice(&self.cluster_id);
         w.extend_from_slice(&self.shard_count.to_le_bytes());
+        w.extend_from_slice(&self.next_node_id.to_le_bytes());
         w.extend_from_slice(&(self.members.len() as u16).to_le_bytes());
         for m in &self.members {
             w.extend_from_slice(&m.node_id.to_le_bytes());
@@ -143,6 +149,12 @@ impl ClusterConfig {
             }
             last = m.node_id;
         }
+        if self.next_node_id <= last || self.next_node_id == u64::MAX {
+            return Err(ClusterError::Invalid {
+                what: CC,
+                field: "next node id (not above every member id, or u64::MAX)",
+            });
+        }
         Ok(())
     }
 
@@ -157,6 +169,7 @@ impl ClusterConfig {
         }
         let cluster_id: [u8; 16] = r.take(16)?.try_into().expect("16 bytes");
         let shard_count = r.u32()?;
+        let next_node_id = r.u64()?;
         let n = r.u16()? as usize;
         range("member count", n, MEMBERS_MAX)?;
         let mut members = Vec::with_capacity(n);
@@ -184,6 +197,7 @@ impl ClusterConfig {
         let c = ClusterConfig {
             cluster_id,
             shard_count,
+            next_node_id,
             members,
             integrity_key_wrapped,
         };
@@ -193,6 +207,45 @@ impl ClusterConfig {
 
     pub fn member(&self, node_id: u64) -> Option<&Member> {
         self.members.iter().find(|m| m.node_id == node_id)
+    }
+
+    /// The member listening on `addr`, if any (compared as socket addresses when both parse).
+    pub fn member_at(&self, addr: &str) -> Option<&Member> {
+        let want = addr.parse::<std::net::SocketAddr>().ok();
+        self.members
+            .iter()
+            .find(|m| match (want, m.peer_addr.parse().ok()) {
+                (Some(a), Some(b)) => a == b,
+                _ => m.peer_addr == addr,
+            })
+    }
+
+    /// The config after admitting a node at `peer_addr`: it gets [`Self::next_node_id`] and
+    /// replaces the member at that address, if one is there. Returns the new config, the new id
+    /// and the id replaced (0 = none).
+    pub fn admit(&self, peer_addr: &str) -> Result<(ClusterConfig, u64, u64), ClusterError> {
+        let mut next = self.clone();
+        let id = self.next_node_id;
+        let replaces = self.member_at(peer_addr).map_or(0, |m| m.node_id);
+        next.members.retain(|m| m.node_id != replaces);
+        next.members.push(Member {
+            node_id: id,
+            peer_addr: peer_addr.to_string(),
+        });
+        next.members.sort_by_key(|m| m.node_id);
+        next.next_node_id = id + 1;
+        next.check()?;
+        Ok((next, id, replaces))
+    }
+
+    /// Whether `next` may replace this config in a shard's state: same cluster, shard count
+    /// and integrity key, and a higher [`Self::next_node_id`] (a compare-and-set: of two
+    /// configs made from the same one, only the first applied takes effect).
+    pub fn may_become(&self, next: &ClusterConfig) -> bool {
+        next.cluster_id == self.cluster_id
+            && next.shard_count == self.shard_count
+            && next.integrity_key_wrapped == self.integrity_key_wrapped
+            && next.next_node_id > self.next_node_id
     }
 }
 

@@ -10,10 +10,12 @@ fn config() -> impl Strategy<Value = ClusterConfig> {
         1u32..64,
         prop::collection::btree_set(1u64..1000, 0..8),
         prop::collection::vec(any::<u8>(), 0..200),
+        1u64..1000,
     )
-        .prop_map(|(cluster_id, shard_count, ids, key)| ClusterConfig {
+        .prop_map(|(cluster_id, shard_count, ids, key, gap)| ClusterConfig {
             cluster_id,
             shard_count,
+            next_node_id: ids.iter().max().copied().unwrap_or(0) + gap,
             members: ids
                 .into_iter()
                 .map(|node_id| Member {
@@ -63,6 +65,7 @@ fn members_must_be_ascending_and_nonzero() {
     let mut c = ClusterConfig {
         cluster_id: [1; 16],
         shard_count: 1,
+        next_node_id: 3,
         members: vec![
             Member {
                 node_id: 2,
@@ -78,9 +81,49 @@ fn members_must_be_ascending_and_nonzero() {
     assert!(matches!(c.encode(), Err(ClusterError::Invalid { .. })));
     c.members[1].node_id = 0;
     assert!(matches!(c.encode(), Err(ClusterError::Invalid { .. })));
+    c.members[1].node_id = 3;
+    assert!(matches!(c.encode(), Err(ClusterError::Invalid { .. })));
+    c.next_node_id = 4;
+    assert!(c.encode().is_ok());
     c.members.clear();
     c.shard_count = 0;
     assert!(matches!(c.encode(), Err(ClusterError::Invalid { .. })));
+}
+
+#[test]
+fn admitting_a_node_gives_a_fresh_id_and_replaces_the_member_at_its_address() {
+    let member = |node_id: u64| Member {
+        node_id,
+        peer_addr: format!("127.0.0.1:{}", 7000 + node_id),
+    };
+    let c = ClusterConfig {
+        cluster_id: [7; 16],
+        shard_count: 2,
+        next_node_id: 4,
+        members: vec![member(1), member(2), member(3)],
+        integrity_key_wrapped: vec![1, 2, 3],
+    };
+    // The node that was 3 comes back (same address): it gets 4, and 3 is gone for good.
+    let (d, id, replaces) = c.admit("127.0.0.1:7003").unwrap();
+    assert_eq!((id, replaces, d.next_node_id), (4, 3, 5));
+    assert_eq!(
+        d.members.iter().map(|m| m.node_id).collect::<Vec<_>>(),
+        [1, 2, 4]
+    );
+    assert_eq!(d.member(4).unwrap().peer_addr, "127.0.0.1:7003");
+    assert!(c.may_become(&d));
+    assert!(!d.may_become(&c), "never back to an older config");
+    // Two admissions made from the same config: only the first applied may take effect.
+    let (e, id_e, replaces_e) = c.admit("127.0.0.1:7100").unwrap();
+    assert_eq!((id_e, replaces_e), (4, 0));
+    assert!(!d.may_become(&e));
+    let mut other = d.clone();
+    other.next_node_id = 9;
+    other.cluster_id = [8; 16];
+    assert!(
+        !d.may_become(&other),
+        "another cluster's config never replaces ours"
+    );
 }
 
 mod descriptor {

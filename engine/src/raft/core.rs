@@ -297,6 +297,21 @@ impl<S: LogStore> ShardCore<S> {
         Ok(self.last_proposed())
     }
 
+    /// Proposes a membership change from any replica: raft forwards it from a follower or a
+    /// learner to the leader it knows. Not tracked: callers watch [`Self::conf_state`] and
+    /// propose again (raft drops a change while another is pending).
+    pub fn propose_conf_change_anywhere(&mut self, cc: ConfChangeV2) -> Result<(), ProposeError> {
+        if self.held.is_some() {
+            return Err(ProposeError::Dropped("installing a snapshot".into()));
+        }
+        if self.leader_id().is_none() {
+            return Err(ProposeError::NotLeader { leader: None });
+        }
+        self.node
+            .propose_conf_change(vec![], cc)
+            .map_err(|e| ProposeError::Dropped(e.to_string()))
+    }
+
     /// Proposes a checkpoint naming this leader's applied LSN, with its digest and chain head
     /// there; `mac` (the card, with the cluster integrity key) signs payload bytes 0..33.
     pub fn propose_checkpoint(

@@ -623,6 +623,18 @@ impl Replica {
         }
     }
 
+    /// Proposes a membership change from any replica, forwarded to the leader and not tracked
+    /// (see `ShardCore::propose_conf_change_anywhere`): callers watch the conf state.
+    pub fn propose_conf_change_anywhere(
+        self: &Rc<Self>,
+        cc: ConfChangeV2,
+    ) -> Result<(), ReplicaError> {
+        self.check_failed()?;
+        self.core.borrow_mut().propose_conf_change_anywhere(cc)?;
+        self.pump();
+        Ok(())
+    }
+
     /// A linearizable read point: resolves with an index once this replica applied through it.
     pub async fn read_index(self: &Rc<Self>) -> Result<u64, ReplicaError> {
         self.check_failed()?;

@@ -173,10 +173,13 @@ pub enum OutcomeCode {
     PartitionNotEmpty = 71,
     /// The payload does not decode; deterministic, so every replica rejects it alike.
     BadPayload = 72,
+    /// A cluster config that may not replace the current one (`ClusterConfig::may_become`:
+    /// another cluster, shard count or integrity key, or not a newer admission).
+    ClusterConfigRefused = 73,
 }
 
 impl OutcomeCode {
-    const ALL: [OutcomeCode; 19] = [
+    const ALL: [OutcomeCode; 20] = [
         OutcomeCode::Created,
         OutcomeCode::Updated,
         OutcomeCode::Rotated,
@@ -196,6 +199,7 @@ impl OutcomeCode {
         OutcomeCode::IdempotencyConflict,
         OutcomeCode::PartitionNotEmpty,
         OutcomeCode::BadPayload,
+        OutcomeCode::ClusterConfigRefused,
     ];
 
     pub fn from_u8(v: u8) -> Option<OutcomeCode> {
@@ -739,6 +743,16 @@ impl StateMachine {
     fn execute(&mut self, lsn: u64, op: Op) -> Result<Outcome, SnapshotError> {
         Ok(match op {
             Op::ClusterConfig { config } => {
+                if let Some(old) = &self.cluster_config {
+                    use crate::cluster::ClusterConfig;
+                    let ok = match (ClusterConfig::decode(old), ClusterConfig::decode(&config)) {
+                        (Ok(old), Ok(new)) => old.may_become(&new),
+                        _ => false,
+                    };
+                    if !ok {
+                        return Ok(Outcome::of(OutcomeCode::ClusterConfigRefused));
+                    }
+                }
                 if let Some(old) = self.cluster_config.take() {
                     self.digest.sub(digest_cluster(&old));
                 }
