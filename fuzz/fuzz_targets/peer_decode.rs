@@ -1,10 +1,12 @@
-//! Arbitrary bytes as a peer payload: every peer decoder answers a message or a typed error,
-//! never a panic; whatever decodes re-encodes to the same bytes (one encoding per message); and
-//! the handshake state machines, fed the bytes as frames of every peer opcode, never panic and
-//! never establish a connection without a valid proof.
+//! Arbitrary bytes as a peer payload: every peer decoder (the join request and grant included)
+//! answers a message or a typed error, never a panic; whatever decodes re-encodes to the same
+//! bytes (one encoding per message); and the handshake state machines, fed the bytes as frames of
+//! every peer opcode (the join opcodes included), never panic and never establish a connection
+//! without a valid proof.
 #![no_main]
 
 use keyfort_net::frame::{Frame, FrameHeader};
+use keyfort_net::join::{JoinGrant, JoinRequest};
 use keyfort_net::peer::*;
 use libfuzzer_sys::fuzz_target;
 
@@ -62,6 +64,17 @@ fuzz_target!(|data: &[u8]| {
         c.encode(&mut out).expect("a decoded chunk re-encodes");
         assert_eq!(out, data);
     }
+    out.clear();
+    if let Ok(r) = JoinRequest::decode(data) {
+        r.encode(&mut out)
+            .expect("a decoded join request re-encodes");
+        assert_eq!(out, data);
+    }
+    out.clear();
+    if let Ok(g) = JoinGrant::decode(data) {
+        g.encode(&mut out).expect("a decoded join grant re-encodes");
+        assert_eq!(out, data);
+    }
 
     // The handshake: the same payload under every opcode, in turn, to both sides.
     let me = |node_id| PeerIdentity {
@@ -72,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
     let mut l = Listener::new(me(2), [0x11; CHALLENGE_LEN]);
     let mut d = Dialer::new(me(1), None, [0xD1; CHALLENGE_LEN]);
     let _ = d.start(&mut Vec::new());
-    for opcode in PEER_OPCODES {
+    for opcode in PEER_OPCODES.into_iter().chain(PEER_JOIN_OPCODES) {
         let f = Frame {
             header: FrameHeader {
                 flags: 0,

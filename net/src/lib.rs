@@ -3,6 +3,7 @@
 //! replication and service issues.
 
 pub mod frame;
+pub mod join;
 pub mod peer;
 pub mod snapshot_stream;
 pub mod transport;

@@ -41,7 +41,25 @@ pub const PEER_RAFT_BATCH: u16 = 0x0110;
 pub const PEER_SNAPSHOT_CHUNK_REQUEST: u16 = 0x0120;
 /// A byte range of a shard's snapshot file.
 pub const PEER_SNAPSHOT_CHUNK: u16 = 0x0121;
-/// Every peer opcode this version defines.
+/// Joiner → any node, as the first frame instead of a Hello (no authentication): send me the
+/// cluster config. Empty payload (docs/format.md §6.12).
+pub const PEER_CONFIG_REQUEST: u16 = 0x0130;
+/// Answer to `PEER_CONFIG_REQUEST`: the cluster config bytes; the connection is closed after it.
+pub const PEER_CONFIG: u16 = 0x0131;
+/// Joiner → node, the first frame after a handshake as [`JOINER_NODE_ID`]: let me join.
+pub const PEER_JOIN_REQUEST: u16 = 0x0132;
+/// Answer to `PEER_JOIN_REQUEST`: the raft id the cluster gave the joiner and where to catch up.
+pub const PEER_JOIN_GRANT: u16 = 0x0133;
+/// The join opcodes (docs/format.md §6.12). Kept apart from [`PEER_OPCODES`], whose users
+/// (the handshake and codec tests) know only the handshake, raft and snapshot payloads.
+pub const PEER_JOIN_OPCODES: [u16; 4] = [
+    PEER_CONFIG_REQUEST,
+    PEER_CONFIG,
+    PEER_JOIN_REQUEST,
+    PEER_JOIN_GRANT,
+];
+/// The peer opcodes of the handshake, raft and snapshot traffic; the join opcodes are in
+/// [`PEER_JOIN_OPCODES`].
 pub const PEER_OPCODES: [u16; 8] = [
     PEER_HELLO,
     PEER_CHALLENGE,
@@ -78,6 +96,10 @@ pub const LISTENER_PROOF_TAG: &[u8] = b"keyfort.peer.v1.listener-proof";
 pub const MAX_REJECT_REASON_BYTES: usize = 256;
 /// Raft's "no node" id; never a peer's id.
 pub const INVALID_NODE_ID: u64 = 0;
+/// The node id a joiner claims in its Hello before the cluster has given it a raft id
+/// (docs/format.md §6.12). Admitted only by a node serving joins, and only for one join request;
+/// never a raft id.
+pub const JOINER_NODE_ID: u64 = u64::MAX;
 
 /// Bytes of a Hello payload: cluster id, node id, version, challenge.
 pub const HELLO_LEN: usize = CLUSTER_ID_LEN + 8 + 2 + CHALLENGE_LEN;
@@ -126,6 +148,15 @@ pub mod reject {
     pub const UNEXPECTED_PEER: u16 = 7;
     /// The card failed (not a verdict on the peer); retry later.
     pub const INTERNAL: u16 = 8;
+    /// Join refused: this node is not the leader; the reason is the leader's peer address
+    /// (empty when unknown).
+    pub const JOIN_NOT_LEADER: u16 = 9;
+    /// Join refused: another join is in progress; retry later.
+    pub const JOIN_BUSY: u16 = 10;
+    /// Join failed; the reason says why.
+    pub const JOIN_FAILED: u16 = 11;
+    /// This node serves no cluster config (or no joins).
+    pub const NOT_SERVED: u16 = 12;
 }
 
 /// Everything the peer protocol refuses. Every decoder returns one of these on bad input and

@@ -35,6 +35,15 @@
 //!   them may run beside the node's raft connection. Snapshots are served once
 //!   [`PeerTransport::serve_snapshots`] installed a resolver.
 //!
+//! **Joining** (docs/format.md §6.12, [`crate::join`]). A connection whose first frame is
+//! `PEER_CONFIG_REQUEST` (instead of a Hello) is answered with the cluster config
+//! ([`PeerTransport::serve_config`]) or a Reject `NOT_SERVED`, and closed; it counts as a pending
+//! handshake (limit and timeout). A Hello claiming [`JOINER_NODE_ID`] is admitted only once
+//! [`PeerTransport::serve_joins`] installed a handler; after that handshake the first frame must
+//! be `PEER_JOIN_REQUEST` (anything else closes the connection as a protocol error), the
+//! handler's grant or refusal is written and the connection closed. A joiner never enters the
+//! connection table and never carries raft or snapshot traffic.
+//!
 //! The read buffer holds at most one frame
 //! ([`MAX_FRAME_PAYLOAD_BYTES`], checked from the header before the payload is read) plus one
 //! read.
@@ -45,11 +54,12 @@
 
 pub use crate::frame::MAX_FRAME_PAYLOAD_BYTES;
 use crate::frame::{self, Frame, FrameError, FrameHeader, FRAME_HEADER_BYTES};
+use crate::join::{ConfigSource, JoinHandler};
 pub use crate::peer::MAX_RAFT_BATCH_MESSAGES;
 use crate::peer::{
     decode_raft_batch, encode_raft_batch, new_challenge, Admission, Dialer, Listener, PeerError,
-    PeerIdentity, Prover, Step, PEER_RAFT_BATCH, PEER_SNAPSHOT_CHUNK_REQUEST,
-    RAFT_BATCH_HEADER_LEN, RAFT_BATCH_MESSAGE_OVERHEAD,
+    PeerIdentity, Prover, Step, JOINER_NODE_ID, PEER_CONFIG_REQUEST, PEER_RAFT_BATCH,
+    PEER_SNAPSHOT_CHUNK_REQUEST, RAFT_BATCH_HEADER_LEN, RAFT_BATCH_MESSAGE_OVERHEAD,
 };
 use crate::snapshot_stream::{ServeFaults, SnapshotResolver, SnapshotServer};
 use futures_lite::future::{or, poll_fn};
@@ -144,6 +154,10 @@ pub struct TransportStats {
     pub snapshot_bytes_served: u64,
     /// Chunk requests answered with an error frame (unknown snapshot, out of range, read error).
     pub snapshot_errors_served: u64,
+    /// Config requests answered with the cluster config (not those answered `NOT_SERVED`).
+    pub config_served: u64,
+    /// Join requests answered by the join handler (granted or refused).
+    pub joins_served: u64,
 }
 
 /// A one-shot event many tasks can wait for.
@@ -332,6 +346,10 @@ pub struct PeerTransport {
     stats: RefCell<TransportStats>,
     /// The snapshot-serving side (resolver and test faults).
     snapshots: SnapshotServer,
+    /// The cluster config served to config requests (none: `NOT_SERVED`).
+    config: RefCell<Option<ConfigSource>>,
+    /// The join handler (none: `JOINER_NODE_ID` is not admitted).
+    joins: RefCell<Option<JoinHandler>>,
 }
 
 impl PeerTransport {
@@ -358,6 +376,8 @@ impl PeerTransport {
             shutdown: Signal::default(),
             stats: RefCell::new(TransportStats::default()),
             snapshots: SnapshotServer::default(),
+            config: RefCell::new(None),
+            joins: RefCell::new(None),
         })
     }
 
@@ -395,6 +415,21 @@ impl PeerTransport {
     /// stay in place (unchanged) while it may be fetched. See docs/format.md §6.11.
     pub fn serve_snapshots(&self, resolver: SnapshotResolver) {
         self.snapshots.set_resolver(resolver);
+    }
+
+    /// Serves the cluster config from now on: a connection whose first frame is
+    /// `PEER_CONFIG_REQUEST` (before any Hello, unauthenticated) gets `PEER_CONFIG` with the
+    /// bytes `f` returns (`None`, or more than [`crate::join::CONFIG_BYTES_MAX`]: a Reject
+    /// `NOT_SERVED`) and is closed. Replaces an earlier source. See docs/format.md §6.12.
+    pub fn serve_config(&self, f: Rc<dyn Fn() -> Option<Vec<u8>>>) {
+        *self.config.borrow_mut() = Some(f);
+    }
+
+    /// Serves joins from now on: a Hello claiming [`JOINER_NODE_ID`] is admitted, and the one
+    /// `PEER_JOIN_REQUEST` of such a connection is answered with what `h` returns (a grant, or
+    /// a refusal as a Reject). Replaces an earlier handler. See docs/format.md §6.12.
+    pub fn serve_joins(&self, h: JoinHandler) {
+        *self.joins.borrow_mut() = Some(h);
     }
 
     /// **Test only**: faults the snapshot server injects (each once); see [`ServeFaults`].
@@ -484,7 +519,11 @@ impl PeerTransport {
         .await;
         self.handshaking.set(self.handshaking.get() - 1);
         let peer = match hs {
-            Ok(peer) => peer,
+            Ok(Some(peer)) => peer,
+            Ok(None) => {
+                debug!(node = self.me.node_id, ?remote, "config request answered");
+                return;
+            }
             Err(e) => {
                 self.bump(|s| s.handshake_failures_inbound += 1);
                 warn!(node = self.me.node_id, ?remote, error = %e, "inbound peer handshake failed");
@@ -497,6 +536,24 @@ impl PeerTransport {
             ?remote,
             "inbound peer connected"
         );
+        if peer == JOINER_NODE_ID {
+            let handler = self.joins.borrow().clone();
+            match crate::join::serve_join(&self, handler, &mut stream, &mut reader).await {
+                Ok(answered) => {
+                    if answered {
+                        self.bump(|s| s.joins_served += 1);
+                    }
+                }
+                Err(e @ (ConnError::Io(_) | ConnError::Timeout(_) | ConnError::Eof)) => {
+                    debug!(node = self.me.node_id, ?remote, error = %e, "join connection failed")
+                }
+                Err(e) => {
+                    self.bump(|s| s.protocol_errors += 1);
+                    warn!(node = self.me.node_id, ?remote, error = %e, "closing join connection");
+                }
+            }
+            return;
+        }
         // The first frame fixes the connection's role (module docs).
         let first = match reader.next(&mut stream).await {
             Ok(h) => h,
@@ -559,22 +616,46 @@ impl PeerTransport {
         }
     }
 
+    /// The authenticated peer, or `None` for a config request that was answered.
     async fn listener_handshake(
         &self,
         stream: &mut TcpStream,
         reader: &mut FrameReader,
-    ) -> Result<u64, ConnError> {
+    ) -> Result<Option<u64>, ConnError> {
         let mut hs = Listener::new(self.me, new_challenge(&mut rand::rngs::OsRng));
         let members = |node: u64| {
-            if self.peers.borrow().contains_key(&node) {
+            if node == JOINER_NODE_ID {
+                // Never `AlreadyConnected`: joiners are not in the connection table.
+                if self.joins.borrow().is_some() {
+                    Admission::Member
+                } else {
+                    Admission::Unknown
+                }
+            } else if self.peers.borrow().contains_key(&node) {
                 Admission::Member
             } else {
                 Admission::Unknown
             }
         };
         let mut out = Vec::new();
+        let mut first = true;
         loop {
             let header = reader.next(stream).await?;
+            if std::mem::take(&mut first) && header.opcode == PEER_CONFIG_REQUEST {
+                let source = self.config.borrow().clone();
+                let served = crate::join::answer_config(
+                    source,
+                    header.request_id,
+                    reader.payload(),
+                    &mut out,
+                );
+                let sent = write_out(stream, &mut out).await;
+                if served? {
+                    sent?;
+                    self.bump(|s| s.config_served += 1);
+                }
+                return Ok(None);
+            }
             let f = Frame {
                 header,
                 payload: reader.payload(),
@@ -586,7 +667,7 @@ impl PeerTransport {
                 Step::Continue => sent?,
                 Step::Established { peer } => {
                     sent?;
-                    return Ok(peer);
+                    return Ok(Some(peer));
                 }
             }
         }
