@@ -38,6 +38,9 @@ pub struct ShardStatus {
     pub log_first: u64,
     /// LSN of the snapshot under its state (0: none).
     pub snapshot: u64,
+    /// The shard's raft membership as this node applied it.
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
@@ -50,6 +53,24 @@ fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// `keyfort` and `keyfortd` beside the running executable (a benchmark run by `cargo run
+/// --release` finds the release binaries), or an error saying how to build them.
+pub fn binaries_beside_exe() -> Result<(PathBuf, PathBuf), String> {
+    let bin = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .parent()
+        .ok_or("exe has no directory")?
+        .to_path_buf();
+    let (keyfort, keyfortd) = (bin.join("keyfort"), bin.join("keyfortd"));
+    if !keyfortd.exists() || !keyfort.exists() {
+        return Err(format!(
+            "{} and keyfort not built: run `cargo build --release -p keyfort-tools` first",
+            keyfortd.display()
+        ));
+    }
+    Ok((keyfort, keyfortd))
 }
 
 /// Free ports on 127.0.0.1 (bound and released: another process could take one meanwhile).
@@ -111,6 +132,11 @@ impl LocalCluster {
             ])?;
             let peer_addr = format!("127.0.0.1:{port}");
             members.push(format!("{i}={peer_addr}"));
+            let seeds: Vec<String> = ports
+                .iter()
+                .filter(|p| *p != port)
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect();
             let data_dir = dir.join("data");
             let config = dir.join("keyfortd.json");
             let cfg = serde_json::json!({
@@ -119,6 +145,7 @@ impl LocalCluster {
                 "card": { "token_dir": token_dir, "label": label, "pin_file": pin },
                 "tick_ms": tick_ms,
                 "synthetic_in_flight": synthetic_in_flight,
+                "seed_peers": seeds,
             });
             std::fs::write(&config, cfg.to_string()).map_err(io)?;
             out.push(Node {
@@ -217,6 +244,11 @@ impl LocalCluster {
         let text = std::fs::read_to_string(self.nodes[i].data_dir.join("status.json")).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
         let u = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
+        let ids = |s: &serde_json::Value, k: &str| {
+            s[k].as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+                .unwrap_or_default()
+        };
         Some(
             v["shards"]
                 .as_array()?
@@ -231,9 +263,27 @@ impl LocalCluster {
                     partitions: u(s, "partitions"),
                     log_first: u(s, "log_first"),
                     snapshot: u(s, "snapshot"),
+                    voters: ids(s, "voters"),
+                    learners: ids(s, "learners"),
                 })
                 .collect(),
         )
+    }
+
+    /// The raft id node `i` runs under now (`status.json`; it changes when the node rejoins).
+    pub fn node_id(&self, i: usize) -> Option<u64> {
+        self.nodes[i].child.as_ref()?;
+        let text = std::fs::read_to_string(self.nodes[i].data_dir.join("status.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["node"].as_u64()
+    }
+
+    /// Loses node `i`'s disk: SIGKILL, then its whole data dir is removed (its card stays, as
+    /// a card survives a disk). Started again, it joins through its seed peers as a new member.
+    pub fn wipe(&mut self, i: usize) -> Result<(), String> {
+        self.kill9(i);
+        let d = &self.nodes[i].data_dir;
+        std::fs::remove_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))
     }
 
     /// Node `i`'s commit latency summary of its synthetic load (`status.json`).

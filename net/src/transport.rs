@@ -15,7 +15,7 @@
 //! everything queued, up to [`MAX_RAFT_BATCH_MESSAGES`] messages and a frame's bytes, writes one
 //! batch frame (within [`WRITE_TIMEOUT`]). On any error it drops the connection (the batch in
 //! flight is lost and counted), backs off ([`RECONNECT_BACKOFF_MIN`] doubling to
-//! [`RECONNECT_BACKOFF_MAX`]) and redials; messages queued meanwhile stay, bounded.
+//! [`RECONNECT_BACKOFF_MAX`], cut short when that peer connects to us) and redials; messages queued meanwhile stay, bounded.
 //!
 //! **Inbound.** Each accepted connection runs the listener handshake (a node id in the peer table
 //! is a member; any other is refused). The first frame after the handshake fixes the
@@ -214,6 +214,9 @@ impl Drop for SignalWait<'_> {
 struct PeerQueue {
     msgs: VecDeque<(u32, Vec<u8>)>,
     waker: Option<Waker>,
+    /// Set when the peer just connected to us: the writer ends its backoff and dials now.
+    redial_now: bool,
+    redial_waker: Option<Waker>,
 }
 
 /// Why a connection ended.
@@ -536,6 +539,9 @@ impl PeerTransport {
             ?remote,
             "inbound peer connected"
         );
+        if peer != JOINER_NODE_ID {
+            self.redial(peer);
+        }
         if peer == JOINER_NODE_ID {
             let handler = self.joins.borrow().clone();
             match crate::join::serve_join(&self, handler, &mut stream, &mut reader).await {
@@ -739,6 +745,51 @@ impl PeerTransport {
         }
     }
 
+    /// Starts a writer for every peer in the table that has none, so each is dialed now (a
+    /// starting node connects to its peers at once; they see it and redial it too).
+    pub fn connect_all(&self) {
+        let peers: Vec<u64> = self.peers.borrow().keys().copied().collect();
+        for peer in peers {
+            if self.closed.get() || self.queues.borrow().contains_key(&peer) {
+                continue;
+            }
+            if let Some(this) = self.this.upgrade() {
+                self.queues.borrow_mut().insert(peer, PeerQueue::default());
+                let t = this.clone();
+                this.spawn(async move { t.run_writer(peer).await });
+            }
+        }
+    }
+
+    /// `peer` just authenticated to us, so it is up: a writer backing off from it dials now.
+    fn redial(&self, peer: u64) {
+        if let Some(q) = self.queues.borrow_mut().get_mut(&peer) {
+            q.redial_now = true;
+            if let Some(w) = q.redial_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Resolves when [`Self::redial`] was called for `peer` (or its queue is gone).
+    async fn redial_wanted(&self, peer: u64) {
+        poll_fn(|cx| {
+            let mut queues = self.queues.borrow_mut();
+            match queues.get_mut(&peer) {
+                Some(q) if q.redial_now => {
+                    q.redial_now = false;
+                    Poll::Ready(())
+                }
+                Some(q) => {
+                    q.redial_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                None => Poll::Ready(()),
+            }
+        })
+        .await
+    }
+
     /// Dials `peer` until it leaves the table (or the transport closes), carrying its queue.
     async fn run_writer(self: Rc<Self>, peer: u64) {
         let mut backoff = RECONNECT_BACKOFF_MIN;
@@ -766,7 +817,7 @@ impl PeerTransport {
             if !self.peers.borrow().contains_key(&peer) {
                 break;
             }
-            glommio::timer::sleep(backoff).await;
+            or(glommio::timer::sleep(backoff), self.redial_wanted(peer)).await;
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
         }
         // Synchronously with the check above: a later send starts a new writer.

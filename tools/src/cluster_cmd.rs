@@ -84,6 +84,7 @@ fn init(card: &CardAt, shards: u32, members: &[String], out: &Path) -> crate::Cm
     let cfg = ClusterConfig {
         cluster_id: rand::random(),
         shard_count: shards,
+        next_node_id: members.last().map_or(1, |m| m.node_id + 1),
         members,
         integrity_key_wrapped,
     };

@@ -6,6 +6,7 @@ pub mod cluster_cmd;
 pub mod demo;
 pub mod demo_cluster;
 pub mod demo_snapshot;
+pub mod join;
 pub mod node;
 pub mod snapshot_cmd;
 pub mod wbl_cmd;

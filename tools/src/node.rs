@@ -7,21 +7,23 @@
 //! commit, applied, digest per shard) for operators and tests.
 
 use crate::cluster_cmd::{hex, shard_snapshot_dir, shard_wbl_dir};
-use keyfort_engine::cluster::{read_cluster_config, read_identity, ClusterConfig, Identity};
+use crate::join::{current_config, peers_of, run_promoter, Admitter, CardProver};
+use keyfort_engine::cluster::{
+    read_cluster_config, read_identity, ClusterConfig, Identity, IDENTITY_FILE,
+};
 use keyfort_engine::compaction::CompactionConfig;
 use keyfort_engine::raft::snapshot::{SnapshotDescriptor, SnapshotSource};
 use keyfort_engine::raft::{Replica, SnapshotSetup, Transport};
 use keyfort_engine::recovery::open_and_recover;
 use keyfort_engine::state::Op;
 use keyfort_engine::wbl::WblOptions;
-use keyfort_hsm::{CoreSession, PartitionId};
-use keyfort_net::peer::{PeerIdentity, Prover};
+use keyfort_hsm::PartitionId;
+use keyfort_net::peer::PeerIdentity;
 use keyfort_net::snapshot_stream::fetch_snapshot;
 use keyfort_net::transport::PeerTransport;
 use raft::eraftpb::{ConfState, Message};
 use serde::Deserialize;
-use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,7 +51,8 @@ pub struct NodeConfig {
     /// Raft tick in milliseconds (elections after 10–20 ticks).
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
-    /// Peers to fetch the cluster config from when joining (the join issue uses them).
+    /// Peers to join through when the data dir holds no identity (a new node, or one whose
+    /// state was lost): the cluster config is fetched from the first that answers.
     #[serde(default)]
     pub seed_peers: Vec<SocketAddr>,
     /// Test and benchmark load: proposals kept in flight on every shard this node leads
@@ -72,7 +75,41 @@ pub struct NodeConfig {
     /// whole segment at a time).
     #[serde(default)]
     pub wbl_segment_bytes: Option<u64>,
+    /// Benchmark and drill load: once every shard has a leader, this node loads real keys
+    /// through raft (`keyfort_bench::bulk`) and writes `bulk-load.json` in its data dir (or
+    /// `bulk-load.error`). Set on one node of a fresh cluster.
+    #[serde(default)]
+    pub bulk_load: Option<BulkLoadConfig>,
+    /// How often `status.json` is rewritten, in milliseconds (default [`STATUS_INTERVAL`];
+    /// benchmarks that time recovery from it use less).
+    #[serde(default)]
+    pub status_ms: Option<u64>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkLoadConfig {
+    pub keys: u64,
+    #[serde(default = "default_bulk_partitions")]
+    pub partitions: u32,
+    #[serde(default = "default_bulk_in_flight")]
+    pub in_flight: usize,
+    #[serde(default = "default_bulk_card_threads")]
+    pub card_threads: usize,
+}
+
+fn default_bulk_partitions() -> u32 {
+    100
+}
+fn default_bulk_in_flight() -> usize {
+    1024
+}
+fn default_bulk_card_threads() -> usize {
+    2
+}
+
+/// How long the bulk loader waits for every shard to have a leader.
+pub const BULK_LEADER_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,18 +122,6 @@ pub struct CardConfig {
 
 fn default_tick_ms() -> u64 {
     100
-}
-
-/// The card as the peer handshake's prover.
-struct CardProver(Rc<CoreSession>);
-
-impl Prover for CardProver {
-    fn mac(&self, msg: &[u8]) -> Result<[u8; 32], String> {
-        Prover::mac(&*self.0, msg)
-    }
-    fn verify(&self, msg: &[u8], mac: &[u8; 32]) -> Result<bool, String> {
-        Prover::verify(&*self.0, msg, mac)
-    }
 }
 
 /// Fetches snapshot files from peers over the transport's snapshot stream.
@@ -142,6 +167,21 @@ pub fn run(config_path: &Path) -> crate::CmdResult {
     let cfg: NodeConfig =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config_path.display()))?;
     let s = |e: keyfort_engine::cluster::ClusterError| e.to_string();
+    std::env::set_var(keyfort_hsm::pin::USER_PIN_FILE_ENV, &cfg.card.pin_file);
+    if !cfg.data_dir.join(IDENTITY_FILE).exists() {
+        if cfg.seed_peers.is_empty() {
+            return Err(format!(
+                "{}: no node identity, and no seed_peers to join through (bootstrap it with \
+                 `keyfort cluster bootstrap`, or list seed_peers to join a running cluster)",
+                cfg.data_dir.display()
+            ));
+        }
+        let data_dir = cfg.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+        let cfg = &cfg;
+        keyfort_engine::exec::run_local(&data_dir, |_| async move { crate::join::join(cfg).await })
+            .map_err(|e| e.to_string())??;
+    }
     let id = read_identity(&cfg.data_dir).map_err(s)?;
     let cluster = read_cluster_config(&cfg.data_dir).map_err(s)?;
     if id.cluster_id != cluster.cluster_id {
@@ -152,7 +192,6 @@ pub fn run(config_path: &Path) -> crate::CmdResult {
             hex(&cluster.cluster_id)
         ));
     }
-    std::env::set_var(keyfort_hsm::pin::USER_PIN_FILE_ENV, &cfg.card.pin_file);
     let data_dir = cfg.data_dir.clone();
     keyfort_engine::exec::run_local(&data_dir, move |q| node(cfg, id, cluster, q))
         .map_err(|e| e.to_string())?
@@ -165,23 +204,17 @@ async fn node(
     queues: keyfort_engine::exec::Queues,
 ) -> crate::CmdResult {
     let t0 = Instant::now();
-    let card = crate::card::open(&cfg.card.token_dir, &cfg.card.label)?;
+    // One card per process, for the life of the process (the bulk loader's threads share it).
+    let card: &'static keyfort_hsm::Card = Box::leak(Box::new(crate::card::open(
+        &cfg.card.token_dir,
+        &cfg.card.label,
+    )?));
     let mut session = card.session().map_err(|e| e.to_string())?;
     session
         .import_integrity_key(&cluster.integrity_key_wrapped)
         .map_err(|e| format!("cluster integrity key: {e}"))?;
     let session = Rc::new(session);
-    let peers: BTreeMap<u64, SocketAddr> = cluster
-        .members
-        .iter()
-        .filter(|m| m.node_id != id.node_id)
-        .map(|m| {
-            m.peer_addr
-                .parse()
-                .map(|a| (m.node_id, a))
-                .map_err(|e| format!("member {} address: {e}", m.node_id))
-        })
-        .collect::<Result<_, _>>()?;
+    let peers = peers_of(&cluster, id.node_id)?;
     let replicas: Rc<RefCell<Vec<Rc<Replica>>>> = Rc::new(RefCell::new(Vec::new()));
     let inbound = replicas.clone();
     let handler = Rc::new(move |_from: u64, shard: u32, m: Message| {
@@ -205,6 +238,27 @@ async fn node(
             shard_snapshot_dir(&snap_root, shard).join(keyfort_engine::snapshot::file_name(lsn));
         p.exists().then_some(p)
     }));
+    let config_of = replicas.clone();
+    transport.serve_config(Rc::new(move || {
+        let r = config_of.borrow().first().cloned()?;
+        r.with_core(|c| c.state_machine().cluster_config().map(<[u8]>::to_vec))
+    }));
+    let compaction = CompactionConfig {
+        records_threshold: cfg
+            .compaction_records
+            .unwrap_or(CompactionConfig::default().records_threshold),
+        ..CompactionConfig::default()
+    };
+    let admitter = Rc::new(Admitter {
+        me: id.node_id,
+        replicas: replicas.clone(),
+        transport: transport.clone(),
+        mac: session.clone(),
+        data_dir: cfg.data_dir.clone(),
+        compaction: compaction.clone(),
+        busy: Cell::new(false),
+    });
+    transport.serve_joins(Rc::new(move |req| Box::pin(admitter.clone().admit(req))));
     let bound = transport
         .listen(cfg.peer_listen)
         .map_err(|e| format!("peer listener {}: {e}", cfg.peer_listen))?;
@@ -250,16 +304,31 @@ async fn node(
         });
         replicas.borrow_mut().push(r.clone());
         glommio::spawn_local(r.clone().run_ticker(Duration::from_millis(cfg.tick_ms))).detach();
-        let compaction = CompactionConfig {
-            records_threshold: cfg
-                .compaction_records
-                .unwrap_or(CompactionConfig::default().records_threshold),
-            ..CompactionConfig::default()
-        };
+        if shard == 0 {
+            // Membership is shard 0's: a replaced id never starts again, and the peers are
+            // the live members.
+            if let Some(live) = current_config(&r) {
+                if replaced(&live, id.node_id) {
+                    return Err(format!(
+                        "node {} is no longer a member of cluster {} (it was replaced); \
+                         this data dir is retired: move it aside and start with seed_peers to \
+                         join as a new member",
+                        id.node_id,
+                        hex(&cluster.cluster_id)
+                    ));
+                }
+                if live.next_node_id >= cluster.next_node_id {
+                    transport.set_peers(peers_of(&live, id.node_id)?);
+                }
+            }
+        }
         let mac: Rc<dyn keyfort_engine::snapshot::FooterMac> = session.clone();
         glommio::spawn_local_into(
-            r.clone()
-                .run_compactor(shard_snapshot_dir(&cfg.data_dir, shard), mac, compaction),
+            r.clone().run_compactor(
+                shard_snapshot_dir(&cfg.data_dir, shard),
+                mac,
+                compaction.clone(),
+            ),
             queues.background,
         )
         .map_err(|e| e.to_string())?
@@ -275,6 +344,27 @@ async fn node(
             .detach();
         }
     }
+    // Dial every peer now: peers backing off from this node (it was down, or is new) see it
+    // connect and redial it at once instead of at their next backoff step.
+    transport.connect_all();
+    glommio::spawn_local(run_promoter(id.node_id, replicas.clone())).detach();
+    if let Some(b) = &cfg.bulk_load {
+        let spec = keyfort_bench::bulk::BulkSpec {
+            keys: b.keys,
+            partitions: b.partitions,
+            in_flight: b.in_flight,
+            card_threads: b.card_threads,
+        };
+        glommio::spawn_local(bulk(
+            replicas.borrow().clone(),
+            card,
+            cluster.integrity_key_wrapped.clone(),
+            spec,
+            cfg.data_dir.clone(),
+        ))
+        .detach();
+    }
+    let mut live_config = Vec::new();
     println!(
         "keyfortd node {} of cluster {}: {} shards, peers on {bound}, started in {:.1} ms",
         id.node_id,
@@ -283,7 +373,29 @@ async fn node(
         t0.elapsed().as_secs_f64() * 1e3
     );
     loop {
-        glommio::timer::sleep(STATUS_INTERVAL).await;
+        glommio::timer::sleep(
+            cfg.status_ms
+                .map_or(STATUS_INTERVAL, |ms| Duration::from_millis(ms.max(1))),
+        )
+        .await;
+        let r0 = replicas.borrow().first().cloned();
+        if let Some(r0) = r0 {
+            let now = r0.with_core(|c| c.state_machine().cluster_config().map(<[u8]>::to_vec));
+            if let Some(now) = now.filter(|b| *b != live_config) {
+                if let Some(live) = current_config(&r0) {
+                    if replaced(&live, id.node_id) {
+                        return Err(format!(
+                            "node {} was removed from the cluster (replaced by a new member)",
+                            id.node_id
+                        ));
+                    }
+                    if live.next_node_id >= cluster.next_node_id {
+                        transport.set_peers(peers_of(&live, id.node_id)?);
+                    }
+                }
+                live_config = now;
+            }
+        }
         write_status(
             &cfg.data_dir,
             id.node_id,
@@ -293,6 +405,40 @@ async fn node(
         if let Some(e) = replicas.borrow().iter().find_map(|r| r.failed()) {
             return Err(format!("a shard replica stopped: {e}"));
         }
+    }
+}
+
+/// Whether the live config says `me` was replaced: it was admitted after `me` (its next id is
+/// above it) and does not name it. A config older than `me`'s admission (a joiner whose shard-0
+/// snapshot predates the admission record) says nothing yet.
+fn replaced(live: &ClusterConfig, me: u64) -> bool {
+    live.next_node_id > me && live.member(me).is_none()
+}
+
+/// Runs the bulk loader once every shard has a leader; its report (or error) goes to the data dir.
+async fn bulk(
+    replicas: Vec<Rc<Replica>>,
+    card: &'static keyfort_hsm::Card,
+    integrity_key_wrapped: Vec<u8>,
+    spec: keyfort_bench::bulk::BulkSpec,
+    dir: PathBuf,
+) {
+    let t = Instant::now();
+    while t.elapsed() < BULK_LEADER_WAIT
+        && !replicas
+            .iter()
+            .all(|r| r.with_core(|c| c.leader_id().is_some()))
+    {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    let r = keyfort_bench::bulk::bulk_load(replicas, card, integrity_key_wrapped, spec).await;
+    let (name, text) = match r {
+        Ok(rep) => ("bulk-load.json", rep.to_json().to_string()),
+        Err(e) => ("bulk-load.error", e),
+    };
+    let tmp = dir.join(format!("{name}.tmp"));
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, dir.join(name))) {
+        tracing::error!(error = %e, "bulk load report not written");
     }
 }
 
@@ -377,6 +523,8 @@ fn write_status(
                     "partitions": c.state_machine().partitions().count(),
                     "log_first": c.store().wbl().first_lsn(),
                     "snapshot": c.state_machine().base().map_or(0, |b| b.lsn()),
+                    "voters": c.conf_state().voters,
+                    "learners": c.conf_state().learners,
                 })
             })
         })

@@ -14,11 +14,12 @@ const COMPACTION_RECORDS: u64 = 300;
 /// Generous: two cores run three nodes, their cards and the test.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[test]
-fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
-    let root = tempfile::tempdir().unwrap();
-    let mut c = LocalCluster::create(
-        root.path(),
+/// 3 nodes, [`SHARDS`] shards, 4 synthetic proposals in flight, 50 ms ticks, and compaction
+/// every [`COMPACTION_RECORDS`] (small, so every node compacts — and is sometimes killed while
+/// compacting — in the tests).
+fn compacting_cluster(root: &std::path::Path) -> LocalCluster {
+    let c = LocalCluster::create(
+        root,
         env!("CARGO_BIN_EXE_keyfort").as_ref(),
         env!("CARGO_BIN_EXE_keyfortd").as_ref(),
         3,
@@ -27,9 +28,15 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
         50,
     )
     .unwrap();
-    // Small, so every node compacts (and is sometimes killed while compacting) in the test.
     c.configure(|v| v["compaction_records"] = serde_json::json!(COMPACTION_RECORDS))
         .unwrap();
+    c
+}
+
+#[test]
+fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = compacting_cluster(root.path());
     c.start_all().unwrap();
     assert!(
         c.wait_for(PROGRESS_TIMEOUT, |c| (0..SHARDS)
@@ -173,4 +180,80 @@ fn a_node_down_past_the_kept_log_catches_up_from_a_streamed_snapshot() {
     );
     c.kill_all();
     assert!(c.check_acked_in_majority(0).unwrap() > 100);
+}
+
+/// Whether node `i` runs as raft id `id`, is a voter of every shard, and applied `target[s]`.
+fn rejoined(c: &LocalCluster, i: usize, id: u64, old: u64, target: &[u64]) -> bool {
+    c.node_id(i) == Some(id)
+        && c.status(i).is_some_and(|st| {
+            st.len() == target.len()
+                && st.iter().zip(target).all(|(s, t)| {
+                    s.voters.contains(&id)
+                        && !s.voters.contains(&old)
+                        && !s.learners.contains(&old)
+                        && s.applied >= *t
+                })
+        })
+}
+
+#[test]
+fn a_wiped_node_rejoins_as_a_new_member_from_a_peer_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = compacting_cluster(root.path());
+    c.start_all().unwrap();
+    assert!(
+        c.wait_for(PROGRESS_TIMEOUT, |c| (0..SHARDS)
+            .all(|s| c.max_commit(s) > 2 * COMPACTION_RECORDS)),
+        "the cluster never committed"
+    );
+    // The disk of node 3 is lost: it comes back empty, through its seed peers.
+    let victim = 2;
+    let old = c.nodes[victim].id;
+    c.wipe(victim).unwrap();
+    let target: Vec<u64> = (0..SHARDS).map(|s| c.max_commit(s)).collect();
+    c.start(victim).unwrap();
+    let new_id = 4; // cluster init gave 1..=3; ids are never reused
+    assert!(
+        c.wait_for(PROGRESS_TIMEOUT * 2, |c| rejoined(
+            c, victim, new_id, old, &target
+        )),
+        "node at {} did not rejoin as node {new_id} (status {:?})",
+        c.nodes[victim].peer_addr,
+        c.status(victim)
+    );
+    // Every other node dropped the old id from every shard too, and commits go on.
+    let now: Vec<u64> = (0..SHARDS).map(|s| c.max_commit(s)).collect();
+    assert!(
+        c.wait_for(PROGRESS_TIMEOUT, |c| (0..3).all(|i| c
+            .status(i)
+            .is_some_and(|st| st.iter().zip(&now).all(|(s, n)| s
+                .voters
+                .contains(&new_id)
+                && !s.voters.contains(&old)
+                && s.applied > *n)))),
+        "the cluster did not settle on voters without node {old}"
+    );
+    for i in 0..3 {
+        assert!(c.exited(i).is_none(), "node {i} exited by itself");
+    }
+    // Quiesce: all three restart without load and agree on every shard's state.
+    c.kill_all();
+    c.configure(|v| v["synthetic_in_flight"] = serde_json::json!(0))
+        .unwrap();
+    c.start_all().unwrap();
+    assert!(
+        c.wait_for(PROGRESS_TIMEOUT, |c| {
+            let st: Vec<_> = (0..3).filter_map(|i| c.status(i)).collect();
+            st.len() == 3
+                && (0..SHARDS as usize).all(|s| {
+                    st.iter()
+                        .all(|n| n[s].applied == st[0][s].applied && n[s].digest == st[0][s].digest)
+                        && st[0][s].applied >= now[s]
+                })
+        }),
+        "digests disagree after the rejoin: {:?}",
+        (0..3).map(|i| c.status(i)).collect::<Vec<_>>()
+    );
+    assert_eq!(c.node_id(victim), Some(new_id));
+    c.kill_all();
 }

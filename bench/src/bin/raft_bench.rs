@@ -37,18 +37,7 @@ const STREAM_JSON: &str = "docs/bench/stream.json";
 
 fn main() -> Result<(), String> {
     let args: Args = clap::Parser::parse();
-    let bin = std::env::current_exe()
-        .map_err(|e| e.to_string())?
-        .parent()
-        .ok_or("exe has no directory")?
-        .to_path_buf();
-    let (keyfort, keyfortd) = (bin.join("keyfort"), bin.join("keyfortd"));
-    if !keyfortd.exists() || !keyfort.exists() {
-        return Err(format!(
-            "{} and keyfort not built: run `cargo build --release -p keyfort-tools` first",
-            keyfortd.display()
-        ));
-    }
+    let (keyfort, keyfortd) = keyfort_bench::local_cluster::binaries_beside_exe()?;
     let _ = std::fs::remove_dir_all(&args.dir);
     let mut c = LocalCluster::create(&args.dir, &keyfort, &keyfortd, 3, 1, 0, TICK_MS)?;
     std::fs::create_dir_all(args.dir.join("disk-probe")).map_err(|e| e.to_string())?;
