@@ -12,7 +12,7 @@
 //! - a node replaced by one joint conf change is never counted again under its old id, even
 //!   when it comes back with a wiped log.
 
-use keyfort_engine::raft::{CoreConfig, Event, MemLog, ShardCore};
+use keyfort_engine::raft::{CoreConfig, Event, MemLog, ShardCore, APPEND_BACKLOG_MAX};
 use keyfort_engine::state::{Op, StateDigest, StateMachine};
 use keyfort_hsm::PartitionId;
 use raft::eraftpb::{ConfState, Message};
@@ -43,7 +43,10 @@ struct Sim {
     cut: BTreeSet<u64>,
     loss: f64,
     /// Per index: the term and the state digest after applying it (first replica to apply).
-    committed: BTreeMap<u64, (u64, StateDigest)>,
+    /// Index → (term, digest after it). The digest is `None` when no replica that applied it
+    /// still had it in its bounded history when checked (a Ready applying more entries than
+    /// `DIGEST_HISTORY`, as a far-behind follower's does).
+    committed: BTreeMap<u64, (u64, Option<StateDigest>)>,
     /// Per replica: the index it applied last (restart: from 0 again).
     applied: BTreeMap<u64, u64>,
     /// Proposals: (index, term) returned by propose, per proposer.
@@ -169,9 +172,7 @@ impl Sim {
                 Some(Slot::Up(c)) => c,
                 _ => unreachable!("events come from running nodes"),
             };
-            let digest = core
-                .digest_at(index)
-                .expect("digest of the entry just applied");
+            let digest = core.digest_at(index);
             // Applied entries are contiguous per replica (noops and conf changes have no
             // Applied event of their own only when conf; count both).
             let last = self.applied.entry(id).or_insert(0);
@@ -185,7 +186,15 @@ impl Sim {
                             "node {id}: index {index} applied with another term"
                         );
                     }
-                    assert_eq!(d, digest, "node {id}: digest after {index} differs");
+                    match (d, digest) {
+                        (Some(d), Some(digest)) => {
+                            assert_eq!(d, digest, "node {id}: digest after {index} differs")
+                        }
+                        (None, Some(digest)) => {
+                            self.committed.insert(index, (t, Some(digest)));
+                        }
+                        _ => {}
+                    }
                 }
                 None => {
                     self.committed.insert(index, (term, digest));
@@ -593,4 +602,54 @@ fn a_replaced_node_is_never_counted_under_its_old_id() {
     }
     let l = sim.leader().expect("2 and 4 elect a leader");
     assert_ne!(l, 3);
+}
+
+#[test]
+fn a_follower_far_behind_takes_appends_only_as_fast_as_it_persists() {
+    use raft::eraftpb::{Entry, MessageType};
+    // A follower of leader 2 is sent two big appends before it persisted the first: the second
+    // would overflow what its log can queue, so it is dropped (raft resends it).
+    let mut f = start(1, MemLog::new(conf(&[1, 2, 3])));
+    let op = Op::PartitionCreate {
+        partition: PartitionId([1; 16]),
+        config: vec![7; 8],
+    };
+    let data = keyfort_engine::raft::proposal_data(op.kind(), &op.encode());
+    let append = |from_index: u64, n: usize| {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 2;
+        m.to = 1;
+        m.term = 1;
+        m.log_term = u64::from(from_index > 1);
+        m.index = from_index - 1;
+        m.set_entries(
+            (0..n as u64)
+                .map(|i| Entry {
+                    term: 1,
+                    index: from_index + i,
+                    data: data.clone().into(),
+                    ..Default::default()
+                })
+                .collect(),
+        );
+        m
+    };
+    let n = APPEND_BACKLOG_MAX * 2 / 3;
+    f.step(append(1, n)).unwrap();
+    let _ = f.process_ready().unwrap();
+    assert_eq!(f.raw_node().raft.raft_log.last_index(), n as u64);
+    // Not persisted yet: the second append is refused.
+    f.step(append(n as u64 + 1, n)).unwrap();
+    let _ = f.process_ready().unwrap();
+    assert_eq!(f.appends_dropped(), 1);
+    assert_eq!(f.raw_node().raft.raft_log.last_index(), n as u64);
+    // Once the first is persisted, the same append is taken.
+    let last = f.store().staged_numbers().last().expect("staged");
+    f.store_mut().persist_through(last);
+    let _ = f.on_persisted(last);
+    f.step(append(n as u64 + 1, n)).unwrap();
+    let _ = f.process_ready().unwrap();
+    assert_eq!(f.appends_dropped(), 1);
+    assert_eq!(f.raw_node().raft.raft_log.last_index(), 2 * n as u64);
 }

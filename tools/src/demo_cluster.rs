@@ -2,8 +2,12 @@
 //! each, a cluster made with `keyfort cluster init` (integrity key made in node-1's card) and
 //! bootstrapped on every node, proposals kept in flight on every shard's leader. The leader of
 //! shard 0 is SIGKILLed: the drill times until the survivors elect a new leader and commit again
-//! (the peer tier), then restarts the killed node from its own log and times its catch-up, and
-//! finally checks that every acknowledged proposal is in a majority of the logs.
+//! (failover), then restarts the killed node from its own log and times its catch-up (the local
+//! tier). Then a follower loses its disk (its data dir is removed; its card stays): started
+//! again with nothing but its config, it joins through its seed peers as a new member — fresh
+//! raft id, each shard's snapshot streamed from the leader, one joint conf change removing its
+//! old id — and the drill times it until it has applied what the cluster had committed (the peer
+//! tier). Finally every acknowledged proposal is checked to be in a majority of the logs.
 
 use keyfort_bench::local_cluster::LocalCluster;
 use std::path::Path;
@@ -75,6 +79,33 @@ pub fn cluster_drill(dir: &Path) -> crate::CmdResult {
             "node-{} restarts from its own log, catches up",
             c.nodes[victim].id
         )
+    );
+    let victim = (0..c.nodes.len())
+        .find(|&i| c.leader(0) != Some(i))
+        .ok_or("no follower")?;
+    let old = c.node_id(victim).ok_or("follower has no status")?;
+    c.wipe(victim)?;
+    let target: Vec<u64> = (0..SHARDS).map(|s| c.max_commit(s)).collect();
+    c.start(victim)?;
+    let ms = timed(&c, "rejoin", |c| {
+        c.node_id(victim).is_some_and(|id| id != old)
+            && c.status(victim)
+                .is_some_and(|st| st.iter().zip(&target).all(|(s, t)| s.applied >= *t))
+    })?;
+    let new = c.node_id(victim).unwrap_or(0);
+    println!(
+        "{:<52} {ms:>9.1} ms",
+        format!("node-{old}'s disk wiped: rejoins as node-{new}, caught up")
+    );
+    let ms = timed(&c, "promotion", |c| {
+        c.status(victim).is_some_and(|st| {
+            st.iter()
+                .all(|s| s.voters.contains(&new) && !s.voters.contains(&old))
+        })
+    })?;
+    println!(
+        "{:<52} {ms:>9.1} ms",
+        format!("then node-{new} a voter of every shard, node-{old} gone")
     );
     c.kill_all();
     let mut acked = 0;

@@ -525,6 +525,7 @@ fn write_status(
                     "snapshot": c.state_machine().base().map_or(0, |b| b.lsn()),
                     "voters": c.conf_state().voters,
                     "learners": c.conf_state().learners,
+                    "appends_dropped": c.appends_dropped(),
                 })
             })
         })

@@ -14,20 +14,25 @@ const COMPACTION_RECORDS: u64 = 300;
 /// Generous: two cores run three nodes, their cards and the test.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// 3 nodes, [`SHARDS`] shards, 4 synthetic proposals in flight, 50 ms ticks, and compaction
-/// every [`COMPACTION_RECORDS`] (small, so every node compacts — and is sometimes killed while
-/// compacting — in the tests).
-fn compacting_cluster(root: &std::path::Path) -> LocalCluster {
-    let c = LocalCluster::create(
+/// 3 `keyfortd` nodes with 50 ms ticks, `in_flight` synthetic proposals per shard leader.
+fn local(root: &std::path::Path, shards: u32, in_flight: usize) -> LocalCluster {
+    LocalCluster::create(
         root,
         env!("CARGO_BIN_EXE_keyfort").as_ref(),
         env!("CARGO_BIN_EXE_keyfortd").as_ref(),
         3,
-        SHARDS,
-        4,
+        shards,
+        in_flight,
         50,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// 3 nodes, [`SHARDS`] shards, 4 synthetic proposals in flight, 50 ms ticks, and compaction
+/// every [`COMPACTION_RECORDS`] (small, so every node compacts — and is sometimes killed while
+/// compacting — in the tests).
+fn compacting_cluster(root: &std::path::Path) -> LocalCluster {
+    let c = local(root, SHARDS, 4);
     c.configure(|v| v["compaction_records"] = serde_json::json!(COMPACTION_RECORDS))
         .unwrap();
     c
@@ -105,16 +110,7 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
 #[test]
 fn a_node_down_past_the_kept_log_catches_up_from_a_streamed_snapshot() {
     let root = tempfile::tempdir().unwrap();
-    let mut c = LocalCluster::create(
-        root.path(),
-        env!("CARGO_BIN_EXE_keyfort").as_ref(),
-        env!("CARGO_BIN_EXE_keyfortd").as_ref(),
-        3,
-        1,
-        8,
-        50,
-    )
-    .unwrap();
+    let mut c = local(root.path(), 1, 8);
     // Compact often and keep almost no log: a node down for a while needs a snapshot.
     c.configure(|v| {
         v["compaction_records"] = serde_json::json!(COMPACTION_RECORDS);
@@ -255,5 +251,74 @@ fn a_wiped_node_rejoins_as_a_new_member_from_a_peer_snapshot() {
         (0..3).map(|i| c.status(i)).collect::<Vec<_>>()
     );
     assert_eq!(c.node_id(victim), Some(new_id));
+    c.kill_all();
+}
+
+#[test]
+fn a_node_with_a_card_of_another_realm_cannot_join() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = local(root.path(), 1, 0);
+    c.start_all().unwrap();
+    assert!(c.wait_for(PROGRESS_TIMEOUT, |c| c.leader(0).is_some()));
+    // A card made by another realm's ceremony, on a node configured like a joiner.
+    let r = root.path();
+    let card = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyfort"))
+            .arg("card")
+            .args(args)
+            .env("KEYFORT_PIN_FILE", r.join("user.pin"))
+            .env("KEYFORT_SO_PIN_FILE", r.join("so.pin"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let kit = r.join("other-kit");
+    let token_dir = r.join("intruder/card");
+    card(&[
+        "ceremony-kit",
+        "--out",
+        kit.to_str().unwrap(),
+        "--realm",
+        "other-realm",
+    ]);
+    card(&[
+        "init",
+        "--token-dir",
+        token_dir.to_str().unwrap(),
+        "--label",
+        "intruder",
+        "--kit",
+        kit.to_str().unwrap(),
+    ]);
+    let port = keyfort_bench::local_cluster::free_ports(1).unwrap()[0];
+    let data_dir = r.join("intruder/data");
+    let config = r.join("intruder/keyfortd.json");
+    let cfg = serde_json::json!({
+        "data_dir": data_dir,
+        "peer_listen": format!("127.0.0.1:{port}"),
+        "card": { "token_dir": token_dir, "label": "intruder", "pin_file": r.join("user.pin") },
+        "seed_peers": [c.nodes[0].peer_addr],
+    });
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyfortd"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the intruder started: {err}");
+    assert!(err.contains("another realm"), "unexpected error: {err}");
+    assert!(
+        !data_dir.join("identity").exists(),
+        "the intruder got an identity"
+    );
+    // The cluster never saw a join: membership and the config are unchanged.
+    let st = c.status(0).unwrap();
+    assert_eq!(st[0].voters, vec![1, 2, 3]);
+    assert!(st[0].learners.is_empty());
     c.kill_all();
 }

@@ -13,8 +13,8 @@ use super::conf::{decode_conf_change, ConfError};
 use super::entry::{proposal_data, record_of, EntryError};
 use super::store::{LogStore, StoreError};
 use super::{
-    raft_logger, DIGEST_HISTORY, ELECTION_TICKS, HEARTBEAT_TICKS, MAX_INFLIGHT_MSGS,
-    MAX_SIZE_PER_MSG,
+    raft_logger, APPEND_BACKLOG_MAX, DIGEST_HISTORY, ELECTION_TICKS, HEARTBEAT_TICKS,
+    MAX_INFLIGHT_MSGS, MAX_SIZE_PER_MSG,
 };
 use crate::snapshot::SnapshotError;
 use crate::state::{ApplyResult, Checkpoint, Op, StateDigest, StateMachine};
@@ -123,6 +123,7 @@ pub struct ShardCore<S: LogStore> {
     events: Vec<Event>,
     /// A Ready restoring a snapshot, held until the caller installed it.
     held: Option<raft::Ready>,
+    appends_dropped: u64,
 }
 
 impl<S: LogStore> ShardCore<S> {
@@ -154,6 +155,7 @@ impl<S: LogStore> ShardCore<S> {
             digests,
             events: Vec::new(),
             held: None,
+            appends_dropped: 0,
         })
     }
 
@@ -247,7 +249,23 @@ impl<S: LogStore> ShardCore<S> {
         if self.held.is_some() {
             return Ok(());
         }
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgAppend {
+            // A follower far behind is sent up to MAX_INFLIGHT_MSGS × MAX_SIZE_PER_MSG of
+            // entries at once; beyond the backlog its log can queue, the append is dropped
+            // (raft probes and resends from what this replica has).
+            let log = &self.node.raft.raft_log;
+            let backlog = log.last_index().saturating_sub(log.persisted) as usize;
+            if backlog > 0 && backlog + m.entries.len() > APPEND_BACKLOG_MAX {
+                self.appends_dropped += 1;
+                return Ok(());
+            }
+        }
         Ok(self.node.step(m)?)
+    }
+
+    /// Appends dropped because this replica's unpersisted backlog was full.
+    pub fn appends_dropped(&self) -> u64 {
+        self.appends_dropped
     }
 
     /// Proposes a state-machine record on the leader; returns the `(index, term)` it will be

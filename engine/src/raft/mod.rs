@@ -32,6 +32,12 @@ pub const HEARTBEAT_TICKS: usize = 2;
 pub const MAX_SIZE_PER_MSG: u64 = 1 << 20;
 /// Most append messages in flight to one follower.
 pub const MAX_INFLIGHT_MSGS: usize = 256;
+/// Most entries a replica holds unpersisted (past raft's persisted index: staged in the WBL
+/// queue or waiting to be) before it drops incoming appends: half the WBL's append queue
+/// (`wbl::MAX_PENDING_RECORDS`), which an append beyond would overflow — a follower catching up
+/// is sent far more (`MAX_INFLIGHT_MSGS` × `MAX_SIZE_PER_MSG`). An append to an empty backlog is
+/// always taken, so a single large message is never refused forever.
+pub const APPEND_BACKLOG_MAX: usize = crate::wbl::MAX_PENDING_RECORDS / 2;
 /// Replicas keep the state digest after each of their last this-many applied entries, so a
 /// checkpoint naming an LSN within that window is checked.
 pub const DIGEST_HISTORY: usize = 4096;
