@@ -267,23 +267,29 @@ async fn node(
         voters: cluster.members.iter().map(|m| m.node_id).collect(),
         ..Default::default()
     };
-    for shard in 0..cluster.shard_count {
-        let start = open_and_recover(
-            &shard_snapshot_dir(&cfg.data_dir, shard),
-            &shard_wbl_dir(&cfg.data_dir, shard),
-            WblOptions {
+    // Every shard recovers at once (their snapshot checks run on the blocking pool meanwhile).
+    let recoveries: Vec<_> = (0..cluster.shard_count)
+        .map(|shard| {
+            let (snap, wbl) = (
+                shard_snapshot_dir(&cfg.data_dir, shard),
+                shard_wbl_dir(&cfg.data_dir, shard),
+            );
+            let opts = WblOptions {
                 segment_bytes: cfg
                     .wbl_segment_bytes
                     .unwrap_or(keyfort_engine::wbl::SEGMENT_BYTES_DEFAULT),
                 writer_queue: Some(queues.foreground),
                 background_queue: Some(queues.background),
                 ..WblOptions::default()
-            },
-            &*session,
-            IDEMPOTENCY_WINDOW_LSNS,
-        )
-        .await
-        .map_err(|e| format!("shard {shard}: {e}"))?;
+            };
+            let session = session.clone();
+            glommio::spawn_local(async move {
+                open_and_recover(&snap, &wbl, opts, &*session, IDEMPOTENCY_WINDOW_LSNS).await
+            })
+        })
+        .collect();
+    for (shard, recovery) in (0..cluster.shard_count).zip(recoveries) {
+        let start = recovery.await.map_err(|e| format!("shard {shard}: {e}"))?;
         let r = Replica::open(
             id.node_id,
             shard,
@@ -490,7 +496,11 @@ async fn synthetic_load(
                             t.elapsed().as_nanos() as u64,
                         );
                     }
-                    let _ = writeln!(log.borrow_mut(), "{} {}", c.index, c.term);
+                    // One write per line: `writeln!` on a File writes each formatted piece
+                    // with its own syscall, and a SIGKILL between them tore lines ("239" +
+                    // the restarted node's "384 7" read as entry 239384).
+                    let line = format!("{} {}\n", c.index, c.term);
+                    let _ = log.borrow_mut().write_all(line.as_bytes());
                 } else {
                     glommio::timer::sleep(Duration::from_millis(10)).await;
                 }

@@ -29,9 +29,12 @@ pub const ELECTION_TICKS: usize = 10;
 /// Heartbeat interval in ticks.
 pub const HEARTBEAT_TICKS: usize = 2;
 /// Most bytes of entries in one append message.
-pub const MAX_SIZE_PER_MSG: u64 = 1 << 20;
-/// Most append messages in flight to one follower.
-pub const MAX_INFLIGHT_MSGS: usize = 256;
+pub const MAX_SIZE_PER_MSG: u64 = 128 << 10;
+/// Most append messages in flight to one follower. With [`MAX_SIZE_PER_MSG`] this bounds what
+/// a leader sends a follower ahead of its acknowledgements to 4 MiB — about 28,000 entries of
+/// 150 B, under what the follower takes unpersisted ([`APPEND_BACKLOG_MAX`]), so a follower
+/// catching up is not sent appends it must drop (each drop costs a probe round trip and a resend).
+pub const MAX_INFLIGHT_MSGS: usize = 32;
 /// Most entries a replica holds unpersisted (past raft's persisted index: staged in the WBL
 /// queue or waiting to be) before it drops incoming appends: half the WBL's append queue
 /// (`wbl::MAX_PENDING_RECORDS`), which an append beyond would overflow — a follower catching up
