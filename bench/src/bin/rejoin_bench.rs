@@ -166,7 +166,7 @@ fn main() -> Result<(), String> {
         .filter(|l| {
             l.contains("seeded from a peer snapshot") || l.contains("admitted to the cluster")
         })
-        .map(str::to_string)
+        .map(strip_ansi)
         .collect();
     c.kill_all();
     let med = |k: &str| {
@@ -179,7 +179,10 @@ fn main() -> Result<(), String> {
     let caught = med("caught_up_s");
     let result = json!({
         "benchmark": "rejoin",
-        "command": "cargo build --release -p keyfort-tools && cargo run --release -p keyfort-bench --bin rejoin_bench -- --out docs/bench/rejoin.json --raft-json docs/bench/raft.json",
+        "command": format!(
+            "cargo build --release -p keyfort-tools && cargo run --release -p keyfort-bench --bin rejoin_bench -- {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
         "machine": machine(),
         "setup": {
             "nodes": 3, "shards": args.shards, "keys": args.keys, "tick_ms": TICK_MS,
@@ -217,4 +220,19 @@ fn main() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A log line without its terminal colour codes.
+fn strip_ansi(l: &str) -> String {
+    let mut out = String::with_capacity(l.len());
+    let mut esc = false;
+    for ch in l.chars() {
+        match (esc, ch) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
 }
