@@ -73,14 +73,47 @@ pub fn binaries_beside_exe() -> Result<(PathBuf, PathBuf), String> {
     Ok((keyfort, keyfortd))
 }
 
-/// Free ports on 127.0.0.1 (bound and released: another process could take one meanwhile).
+/// Lowest port [`free_ports`] hands out.
+pub const LISTEN_PORT_MIN: u16 = 10_000;
+/// Ports tried per port wanted before [`free_ports`] gives up.
+pub const LISTEN_PORT_TRIES: usize = 200;
+
+/// The kernel's ephemeral port range (`ip_local_port_range`), Linux's default when unreadable.
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|x| x.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// Free ports on 127.0.0.1 for node listeners, chosen *below* the ephemeral range: a port
+/// from that range can be taken, while its node is down or restarting, by any outgoing
+/// connection's automatic bind (a peer dialing at start), and the node then fails to listen
+/// (`Address already in use`). Each is bound and released here; another process could still
+/// take it meanwhile.
 pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
-    ls.iter()
-        .map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string()))
-        .collect()
+    let (low, _) = ephemeral_ports();
+    let hi = low.max(LISTEN_PORT_MIN + 1000);
+    let mut out: Vec<u16> = Vec::with_capacity(n);
+    for _ in 0..n * LISTEN_PORT_TRIES {
+        if out.len() == n {
+            break;
+        }
+        let p = rand::Rng::gen_range(&mut rand::thread_rng(), LISTEN_PORT_MIN..hi);
+        if !out.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            out.push(p);
+        }
+    }
+    if out.len() < n {
+        return Err(format!(
+            "no {n} free ports in {LISTEN_PORT_MIN}..{hi} after {} tries",
+            n * LISTEN_PORT_TRIES
+        ));
+    }
+    Ok(out)
 }
 
 impl LocalCluster {

@@ -14,6 +14,18 @@ const COMPACTION_RECORDS: u64 = 300;
 /// Generous: two cores run three nodes, their cards and the test.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Copies a failed test's cluster dir (data dirs, node logs) where it survives the test, and
+/// says where.
+fn keep(root: &std::path::Path) -> String {
+    let to = std::env::temp_dir().join(format!("keyfort-failed-{}", std::process::id()));
+    let _ = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(root)
+        .arg(&to)
+        .status();
+    to.display().to_string()
+}
+
 /// 3 `keyfortd` nodes with 50 ms ticks, `in_flight` synthetic proposals per shard leader.
 fn local(root: &std::path::Path, shards: u32, in_flight: usize) -> LocalCluster {
     LocalCluster::create(
@@ -86,15 +98,9 @@ fn a_three_node_cluster_keeps_committing_through_kill_9_of_any_node() {
     }
     c.kill_all();
     for shard in 0..SHARDS {
-        let acked = c.check_acked_in_majority(shard).unwrap_or_else(|e| {
-            let keep = std::env::temp_dir().join(format!("keyfort-failed-{}", std::process::id()));
-            let _ = std::process::Command::new("cp")
-                .arg("-a")
-                .arg(root.path())
-                .arg(&keep)
-                .status();
-            panic!("{e} (data dirs and logs kept in {})", keep.display())
-        });
+        let acked = c
+            .check_acked_in_majority(shard)
+            .unwrap_or_else(|e| panic!("{e} (data dirs and logs kept in {})", keep(root.path())));
         assert!(
             acked > 100,
             "shard {shard}: only {acked} proposals acknowledged"
@@ -253,8 +259,10 @@ fn a_wiped_node_rejoins_as_a_new_member_from_a_peer_snapshot() {
                         && st[0][s].applied >= now[s]
                 })
         }),
-        "digests disagree after the rejoin: {:?}",
-        (0..3).map(|i| c.status(i)).collect::<Vec<_>>()
+        "digests disagree after the rejoin: {:?} (exited: {:?}; kept in {})",
+        (0..3).map(|i| c.status(i)).collect::<Vec<_>>(),
+        (0..3).map(|i| c.exited(i)).collect::<Vec<_>>(),
+        keep(root.path())
     );
     assert_eq!(c.node_id(victim), Some(new_id));
     c.kill_all();
