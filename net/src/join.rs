@@ -22,9 +22,9 @@
 use crate::frame::{self, flags, Frame, FrameError, FrameHeader};
 pub use crate::peer::JOINER_NODE_ID;
 use crate::peer::{
-    new_challenge, reject, Dialer, PeerError, PeerIdentity, Prover, Reject, Step, CLUSTER_ID_LEN,
-    HANDSHAKE_REQUEST_ID, MAX_REJECT_REASON_BYTES, PEER_CONFIG, PEER_CONFIG_REQUEST,
-    PEER_JOIN_GRANT, PEER_JOIN_REQUEST, PEER_REJECT,
+    new_challenge, reject, Dialer, PeerError, PeerIdentity, Prover, Reader, Reject, Step,
+    CLUSTER_ID_LEN, HANDSHAKE_REQUEST_ID, MAX_REJECT_REASON_BYTES, PEER_CONFIG,
+    PEER_CONFIG_REQUEST, PEER_JOIN_GRANT, PEER_JOIN_REQUEST, PEER_REJECT,
 };
 use crate::transport::{
     within, write_out, ConnError, FrameReader, PeerTransport, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT,
@@ -232,7 +232,7 @@ impl JoinGrant {
         if r.remaining() < need {
             return Err(JoinError::Peer(PeerError::Truncated {
                 what: JG,
-                need: r.at + need,
+                need: buf.len() - r.remaining() + need,
                 have: buf.len(),
             }));
         }
@@ -687,69 +687,4 @@ pub(crate) async fn serve_join(
     )
     .await?;
     Ok(answered)
-}
-
-// ---- little reader ----
-
-/// Reads fields off a payload, refusing a short one with `Truncated`.
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], what: &'static str) -> Self {
-        Reader { buf, at: 0, what }
-    }
-
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], PeerError> {
-        match self
-            .at
-            .checked_add(n)
-            .and_then(|end| self.buf.get(self.at..end))
-        {
-            Some(s) => {
-                self.at += n;
-                Ok(s)
-            }
-            None => Err(PeerError::Truncated {
-                what: self.what,
-                need: self.at.saturating_add(n),
-                have: self.buf.len(),
-            }),
-        }
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], PeerError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.bytes(N)?);
-        Ok(a)
-    }
-
-    fn u16(&mut self) -> Result<u16, PeerError> {
-        Ok(u16::from_le_bytes(self.array()?))
-    }
-
-    fn u32(&mut self) -> Result<u32, PeerError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-
-    fn u64(&mut self) -> Result<u64, PeerError> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.at
-    }
-
-    fn finish(self) -> Result<(), PeerError> {
-        match self.remaining() {
-            0 => Ok(()),
-            extra => Err(PeerError::TrailingBytes {
-                what: self.what,
-                extra,
-            }),
-        }
-    }
 }

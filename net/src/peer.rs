@@ -252,19 +252,20 @@ impl PeerError {
 
 // ---- little reader ----
 
-/// Reads fixed-size fields off a payload, refusing a short one with `Truncated`.
-struct Reader<'a> {
+/// Reads fixed-size fields off a payload, refusing a short one with `Truncated` (the peer
+/// and join codecs).
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     at: usize,
     what: &'static str,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], what: &'static str) -> Self {
+    pub(crate) fn new(buf: &'a [u8], what: &'static str) -> Self {
         Reader { buf, at: 0, what }
     }
 
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], PeerError> {
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], PeerError> {
         let end = self.at.checked_add(n);
         match end.and_then(|end| self.buf.get(self.at..end)) {
             Some(s) => {
@@ -279,30 +280,30 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], PeerError> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], PeerError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.bytes(N)?);
         Ok(a)
     }
 
-    fn u16(&mut self) -> Result<u16, PeerError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, PeerError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
 
-    fn u32(&mut self) -> Result<u32, PeerError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, PeerError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
 
-    fn u64(&mut self) -> Result<u64, PeerError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, PeerError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.at
     }
 
     /// Reads a whole message off `buf` with `read`, refusing bytes after it.
-    fn whole<T>(
+    pub(crate) fn whole<T>(
         buf: &'a [u8],
         what: &'static str,
         read: impl FnOnce(&mut Self) -> Result<T, PeerError>,
@@ -314,7 +315,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Refuses bytes after the message.
-    fn finish(self) -> Result<(), PeerError> {
+    pub(crate) fn finish(self) -> Result<(), PeerError> {
         match self.remaining() {
             0 => Ok(()),
             extra => Err(PeerError::TrailingBytes {
