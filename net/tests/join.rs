@@ -123,35 +123,9 @@ async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
 
 /// A raw client that completed the handshake as the joiner (with the cluster's key).
 async fn joiner_client(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let me = PeerIdentity {
-        cluster_id: CLUSTER,
-        node_id: JOINER_NODE_ID,
-    };
-    let prover = integrity_session(&KEY).expect("fixture card");
-    let mut d = Dialer::new(me, None, [5; CHALLENGE_LEN]);
-    let mut out = Vec::new();
-    d.start(&mut out).expect("hello");
-    let mut buf = Vec::new();
-    loop {
-        s.write_all(&out).await.expect("write");
-        out.clear();
-        let (step, n) = loop {
-            if let Some((f, n)) = frame::decode(&buf).expect("frame") {
-                break (d.on_frame(&f, &prover, &mut out).expect("handshake"), n);
-            }
-            let mut b = [0u8; 1024];
-            let k = s.read(&mut b).await.expect("read");
-            assert!(k > 0, "closed during the handshake");
-            buf.extend_from_slice(&b[..k]);
-        };
-        buf.drain(..n);
-        if let Step::Established { peer } = step {
-            assert_eq!(peer, 2);
-            s.write_all(&out).await.expect("write");
-            return s;
-        }
-    }
+    let (s, peer) = handshaken_as(addr, JOINER_NODE_ID, None).await;
+    assert_eq!(peer, 2);
+    s
 }
 
 fn frame_of(opcode: u16, payload: &[u8]) -> Vec<u8> {

@@ -8,7 +8,6 @@ use glommio::net::TcpStream;
 use keyfort_engine::raft::Transport;
 mod common;
 use common::*;
-use keyfort_hsm::softhsm::integrity_session;
 use keyfort_net::frame::{self, FrameHeader};
 use keyfort_net::peer::*;
 use keyfort_net::transport::*;
@@ -222,34 +221,7 @@ fn sender_reconnects_after_receiver_restarts_on_the_same_port() {
 
 /// A raw client that runs the dialer handshake as node 3 against `addr`.
 async fn handshaken_client(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let me = PeerIdentity {
-        cluster_id: CLUSTER,
-        node_id: 3,
-    };
-    let prover = integrity_session(&KEY).expect("fixture card");
-    let mut d = Dialer::new(me, Some(2), [5; CHALLENGE_LEN]);
-    let mut out = Vec::new();
-    d.start(&mut out).expect("hello");
-    let mut buf = Vec::new();
-    loop {
-        s.write_all(&out).await.expect("write");
-        out.clear();
-        let (step, n) = loop {
-            if let Some((f, n)) = frame::decode(&buf).expect("frame") {
-                break (d.on_frame(&f, &prover, &mut out).expect("handshake"), n);
-            }
-            let mut b = [0u8; 1024];
-            let k = s.read(&mut b).await.expect("read");
-            assert!(k > 0, "closed during the handshake");
-            buf.extend_from_slice(&b[..k]);
-        };
-        buf.drain(..n);
-        if let Step::Established { .. } = step {
-            s.write_all(&out).await.expect("write");
-            return s;
-        }
-    }
+    handshaken_as(addr, 3, Some(2)).await.0
 }
 
 fn batch_frame(opcode: u16, msgs: &[(u32, &[u8])]) -> Vec<u8> {

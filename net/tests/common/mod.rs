@@ -84,3 +84,46 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A raw client that completed the dialer handshake against `addr` as `node_id` with the
+/// fixture cluster and key (`expect`: the listener id it insists on); returns the stream and
+/// the listener's node id.
+pub async fn handshaken_as(
+    addr: SocketAddr,
+    node_id: u64,
+    expect: Option<u64>,
+) -> (glommio::net::TcpStream, u64) {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    use keyfort_net::frame;
+    use keyfort_net::peer::{Dialer, Step, CHALLENGE_LEN};
+    let mut s = glommio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect");
+    let me = PeerIdentity {
+        cluster_id: CLUSTER,
+        node_id,
+    };
+    let prover = integrity_session(&KEY).expect("fixture card");
+    let mut d = Dialer::new(me, expect, [5; CHALLENGE_LEN]);
+    let mut out = Vec::new();
+    d.start(&mut out).expect("hello");
+    let mut buf = Vec::new();
+    loop {
+        s.write_all(&out).await.expect("write");
+        out.clear();
+        let (step, n) = loop {
+            if let Some((f, n)) = frame::decode(&buf).expect("frame") {
+                break (d.on_frame(&f, &prover, &mut out).expect("handshake"), n);
+            }
+            let mut b = [0u8; 1024];
+            let k = s.read(&mut b).await.expect("read");
+            assert!(k > 0, "closed during the handshake");
+            buf.extend_from_slice(&b[..k]);
+        };
+        buf.drain(..n);
+        if let Step::Established { peer } = step {
+            s.write_all(&out).await.expect("write");
+            return (s, peer);
+        }
+    }
+}
