@@ -16,9 +16,9 @@ use keyfort_engine::cluster::{
     write_durable, ClusterConfig, Identity, CLUSTER_CONFIG_FILE, IDENTITY_FILE,
 };
 use keyfort_engine::compaction::CompactionConfig;
-use keyfort_engine::raft::snapshot::SnapshotDescriptor;
+use keyfort_engine::raft::snapshot::{verify_fetched, SnapshotDescriptor};
 use keyfort_engine::raft::Replica;
-use keyfort_engine::snapshot::{self as snap, Snapshot};
+use keyfort_engine::snapshot as snap;
 use keyfort_engine::state::{Op, OutcomeCode};
 use keyfort_engine::wbl::{HardState, Wbl, WblOptions};
 use keyfort_hsm::CoreSession;
@@ -292,19 +292,9 @@ async fn seed_shard(
         .await
         .map_err(|x| e("snapshot stream", x.to_string()))?;
     let fetched = t.elapsed();
-    let p = tmp.clone();
-    let mut file =
-        keyfort_engine::exec::spawn_background_blocking(move || Snapshot::open_without_mac(&p))
-            .await
-            .map_err(|x| e("snapshot", x.to_string()))?;
-    file.verify_mac(&**session)
-        .map_err(|x| e("snapshot footer MAC", x.to_string()))?;
-    if SnapshotDescriptor::of(shard, &file) != *desc {
-        return Err(e(
-            "snapshot",
-            format!("the file does not match its descriptor {desc:?}"),
-        ));
-    }
+    let file = verify_fetched(&tmp, desc, &**session)
+        .await
+        .map_err(|x| e("snapshot", x))?;
     let (chain, term) = (file.footer().chain_head, file.footer().term);
     drop(file);
     std::fs::rename(&tmp, &dest).map_err(|x| e("snapshot rename", x.to_string()))?;

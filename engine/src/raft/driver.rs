@@ -402,7 +402,7 @@ impl Replica {
         m: &Message,
         desc: &SnapshotDescriptor,
     ) -> Result<crate::snapshot::Snapshot, String> {
-        use crate::snapshot::{self as snap, Snapshot};
+        use crate::snapshot as snap;
         let dest = dir.join(snap::file_name(desc.lsn));
         let tmp = dir.join(format!("{}.fetch", snap::file_name(desc.lsn)));
         source.fetch(m.from, desc, &tmp).await?;
@@ -415,21 +415,7 @@ impl Replica {
         })
         .await
         .map_err(|e| e.to_string())?;
-        let d = dest.clone();
-        let checked = async {
-            let mut file =
-                crate::exec::spawn_background_blocking(move || Snapshot::open_without_mac(&d))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            file.verify_mac(mac).map_err(|e| e.to_string())?;
-            if SnapshotDescriptor::of(desc.shard, &file) != *desc {
-                return Err(format!(
-                    "fetched snapshot does not match its descriptor {desc:?}"
-                ));
-            }
-            Ok(file)
-        }
-        .await;
+        let checked = super::snapshot::verify_fetched(&dest, desc, mac).await;
         if checked.is_err() {
             let _ = std::fs::remove_file(&dest);
         }

@@ -26,6 +26,29 @@ pub struct SnapshotDescriptor {
     pub digest: [u8; 16],
 }
 
+/// Opens a fetched snapshot file with every check (on the blocking pool), verifies its footer
+/// MAC in the card, and checks it is the file `desc` names: what a follower installing a raft
+/// snapshot and a joiner seeding a shard both do before trusting a file from a peer.
+pub async fn verify_fetched(
+    path: &Path,
+    desc: &SnapshotDescriptor,
+    mac: &dyn crate::snapshot::FooterMac,
+) -> Result<crate::snapshot::Snapshot, String> {
+    let p = path.to_path_buf();
+    let mut file = crate::exec::spawn_background_blocking(move || {
+        crate::snapshot::Snapshot::open_without_mac(&p)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    file.verify_mac(mac).map_err(|e| e.to_string())?;
+    if SnapshotDescriptor::of(desc.shard, &file) != *desc {
+        return Err(format!(
+            "fetched snapshot does not match its descriptor {desc:?}"
+        ));
+    }
+    Ok(file)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DescriptorError {
     #[error("snapshot descriptor: {len} bytes, expected {DESCRIPTOR_BYTES}")]
