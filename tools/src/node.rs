@@ -7,7 +7,7 @@
 //! commit, applied, digest per shard) for operators and tests.
 
 use crate::cluster_cmd::{hex, shard_snapshot_dir, shard_wbl_dir};
-use crate::join::{current_config, peers_of, run_promoter, Admitter, CardProver};
+use crate::join::{peers_of, run_promoter, Admitter, CardProver};
 use keyfort_engine::cluster::{
     read_cluster_config, read_identity, ClusterConfig, Identity, IDENTITY_FILE,
 };
@@ -267,6 +267,8 @@ async fn node(
         voters: cluster.members.iter().map(|m| m.node_id).collect(),
         ..Default::default()
     };
+    // The live cluster config's bytes as last followed (`follow_config`).
+    let mut live_config = Vec::new();
     // Every shard recovers at once (their snapshot checks run on the blocking pool meanwhile).
     let recoveries: Vec<_> = (0..cluster.shard_count)
         .map(|shard| {
@@ -311,22 +313,8 @@ async fn node(
         replicas.borrow_mut().push(r.clone());
         glommio::spawn_local(r.clone().run_ticker(Duration::from_millis(cfg.tick_ms))).detach();
         if shard == 0 {
-            // Membership is shard 0's: a replaced id never starts again, and the peers are
-            // the live members.
-            if let Some(live) = current_config(&r) {
-                if replaced(&live, id.node_id) {
-                    return Err(format!(
-                        "node {} is no longer a member of cluster {} (it was replaced); \
-                         this data dir is retired: move it aside and start with seed_peers to \
-                         join as a new member",
-                        id.node_id,
-                        hex(&cluster.cluster_id)
-                    ));
-                }
-                if live.next_node_id >= cluster.next_node_id {
-                    transport.set_peers(peers_of(&live, id.node_id)?);
-                }
-            }
+            // Membership is shard 0's: a replaced id never starts again.
+            live_config = follow_config(&r, id.node_id, &cluster, &transport)?;
         }
         let mac: Rc<dyn keyfort_engine::snapshot::FooterMac> = session.clone();
         glommio::spawn_local_into(
@@ -370,7 +358,6 @@ async fn node(
         ))
         .detach();
     }
-    let mut live_config = Vec::new();
     println!(
         "keyfortd node {} of cluster {}: {} shards, peers on {bound}, started in {:.1} ms",
         id.node_id,
@@ -386,20 +373,13 @@ async fn node(
         .await;
         let r0 = replicas.borrow().first().cloned();
         if let Some(r0) = r0 {
-            let now = r0.with_core(|c| c.state_machine().cluster_config().map(<[u8]>::to_vec));
-            if let Some(now) = now.filter(|b| *b != live_config) {
-                if let Some(live) = current_config(&r0) {
-                    if replaced(&live, id.node_id) {
-                        return Err(format!(
-                            "node {} was removed from the cluster (replaced by a new member)",
-                            id.node_id
-                        ));
-                    }
-                    if live.next_node_id >= cluster.next_node_id {
-                        transport.set_peers(peers_of(&live, id.node_id)?);
-                    }
-                }
-                live_config = now;
+            let changed = r0.with_core(|c| {
+                c.state_machine()
+                    .cluster_config()
+                    .is_some_and(|b| b != live_config.as_slice())
+            });
+            if changed {
+                live_config = follow_config(&r0, id.node_id, &cluster, &transport)?;
             }
         }
         write_status(
@@ -412,6 +392,37 @@ async fn node(
             return Err(format!("a shard replica stopped: {e}"));
         }
     }
+}
+
+/// Follows shard 0's applied cluster config (the live membership): refuses to go on when it
+/// says `me` was replaced, and points the transport at its members when it is at least as new
+/// as the data dir's copy (`known`). Returns the config bytes it followed.
+fn follow_config(
+    shard0: &Replica,
+    me: u64,
+    known: &ClusterConfig,
+    transport: &PeerTransport,
+) -> Result<Vec<u8>, String> {
+    let bytes = shard0.with_core(|c| {
+        c.state_machine()
+            .cluster_config()
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    });
+    if let Ok(live) = ClusterConfig::decode(&bytes) {
+        if replaced(&live, me) {
+            return Err(format!(
+                "node {me} is no longer a member of cluster {} (it was replaced by a new \
+                 member); this data dir is retired: move it aside and start with seed_peers to \
+                 join as a new member",
+                hex(&live.cluster_id)
+            ));
+        }
+        if live.next_node_id >= known.next_node_id {
+            transport.set_peers(peers_of(&live, me)?);
+        }
+    }
+    Ok(bytes)
 }
 
 /// Whether the live config says `me` was replaced: it was admitted after `me` (its next id is
