@@ -271,11 +271,16 @@ impl LocalCluster {
         self.nodes[i].child.as_mut()?.try_wait().ok()?
     }
 
-    /// Node `i`'s status per shard (None before its first status write or while stopped).
-    pub fn status(&self, i: usize) -> Option<Vec<ShardStatus>> {
+    /// Node `i`'s `status.json` (None before its first write or while it is stopped).
+    fn status_json(&self, i: usize) -> Option<serde_json::Value> {
         self.nodes[i].child.as_ref()?;
         let text = std::fs::read_to_string(self.nodes[i].data_dir.join("status.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Node `i`'s status per shard (None before its first status write or while stopped).
+    pub fn status(&self, i: usize) -> Option<Vec<ShardStatus>> {
+        let v = self.status_json(i)?;
         let u = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
         let ids = |s: &serde_json::Value, k: &str| {
             s[k].as_array()
@@ -305,9 +310,7 @@ impl LocalCluster {
 
     /// The raft id node `i` runs under now (`status.json`; it changes when the node rejoins).
     pub fn node_id(&self, i: usize) -> Option<u64> {
-        self.nodes[i].child.as_ref()?;
-        let text = std::fs::read_to_string(self.nodes[i].data_dir.join("status.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let v = self.status_json(i)?;
         v["node"].as_u64()
     }
 
@@ -321,9 +324,7 @@ impl LocalCluster {
 
     /// Node `i`'s commit latency summary of its synthetic load (`status.json`).
     pub fn synthetic_latency(&self, i: usize) -> Option<crate::LatencySummary> {
-        self.nodes[i].child.as_ref()?;
-        let text = std::fs::read_to_string(self.nodes[i].data_dir.join("status.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let v = self.status_json(i)?;
         let l = &v["synthetic_commit_latency"];
         let f = |k: &str| l[k].as_f64().unwrap_or(0.0);
         Some(crate::LatencySummary {
