@@ -138,6 +138,36 @@ fn same_idempotency_id_returns_the_first_result_and_another_op_conflicts() {
 }
 
 #[test]
+fn a_retry_carrying_other_key_material_is_the_same_operation() {
+    // A retried create reaches another node, whose card makes another key: the blob differs,
+    // everything the client asked for is the same, so it gets the first result.
+    let mut s = with_partitions();
+    let id = idem(3);
+    let first = put(PutOp::Create, id, 0, 0, 1, 0, b"a");
+    let r = apply(&mut s, 3, &first);
+    assert_eq!(r.outcome.code, OutcomeCode::Created);
+    let Op::KeyPut(mut retry) = first.clone() else {
+        unreachable!()
+    };
+    retry.blob = vec![0xee; retry.blob.len() + 3];
+    let again = apply(&mut s, 4, &Op::KeyPut(retry.clone()));
+    assert_eq!(
+        (again.outcome, again.duplicate_of_lsn),
+        (r.outcome, Some(3))
+    );
+    // The first key's material stays.
+    let kept = s.get(partition(0), key(0), 1).unwrap().unwrap();
+    let Op::KeyPut(orig) = first else {
+        unreachable!()
+    };
+    assert_eq!(kept.blob, orig.blob);
+    // Other metadata is another operation.
+    retry.metadata = b"b".to_vec();
+    let other = apply(&mut s, 5, &Op::KeyPut(retry));
+    assert_eq!(other.outcome.code, OutcomeCode::IdempotencyConflict);
+}
+
+#[test]
 fn a_rejected_first_result_is_what_a_retry_gets() {
     let mut s = with_partitions();
     apply(&mut s, 3, &put(PutOp::Create, NONE, 0, 0, 1, 0, b"a"));

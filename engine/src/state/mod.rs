@@ -973,10 +973,24 @@ fn done(outcome: Outcome) -> ApplyResult {
     }
 }
 
-/// The operation an idempotency id belongs to: the record's kind and its canonical payload.
+/// The operation an idempotency id belongs to: the record's kind and its canonical payload —
+/// for a key put without its masked blob (format.md §3.8). The blob is fresh key material made
+/// by whichever node took the try, so a retry of the same create or rotate through another node
+/// carries another blob yet is the same operation; everything the client asked for (key id,
+/// versions, state, metadata) is covered.
 fn fingerprint(kind: RecordKind, payload: &[u8]) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(&[kind as u8]);
-    h.update(payload);
+    h.update(&payload[..fingerprinted_len(kind, payload)]);
     h.digest()
+}
+
+/// Bytes of `payload` the fingerprint covers: a decoded key put up to its blob length field
+/// (offset 64 + metadata length, §3.4); every other payload whole.
+fn fingerprinted_len(kind: RecordKind, payload: &[u8]) -> usize {
+    if kind != RecordKind::KeyPut || payload.len() < 64 {
+        return payload.len();
+    }
+    let m = u16::from_le_bytes([payload[62], payload[63]]) as usize;
+    (64 + m).min(payload.len())
 }
