@@ -6,5 +6,6 @@ pub mod client_proto;
 pub mod frame;
 pub mod join;
 pub mod peer;
+pub mod server;
 pub mod snapshot_stream;
 pub mod transport;

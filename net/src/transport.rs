@@ -254,22 +254,55 @@ pub(crate) struct FrameReader {
     start: usize,
     consumed: usize,
     payload: (usize, usize),
+    /// Largest payload accepted: a header announcing more is refused as soon as it has arrived.
+    max_payload: usize,
 }
 
 impl FrameReader {
     pub(crate) fn new() -> Self {
+        Self::with_max(frame::MAX_FRAME_PAYLOAD_BYTES)
+    }
+
+    /// A reader refusing (`FrameError::TooLong`, from the header alone) payloads over `max`.
+    pub(crate) fn with_max(max_payload: usize) -> Self {
         FrameReader {
             buf: Vec::new(),
             start: 0,
             consumed: 0,
             payload: (0, 0),
+            max_payload,
         }
     }
 
+    /// The request id of the frame whose header has arrived but whose payload has not (the
+    /// one an oversized-frame error was about): answers can name it.
+    pub(crate) fn pending_request_id(&self) -> Option<u64> {
+        let h = self.buf.get(self.start..self.start + FRAME_HEADER_BYTES)?;
+        Some(u64::from_le_bytes(h[8..16].try_into().expect("8 bytes")))
+    }
+
     /// The next frame's header; its payload is [`FrameReader::payload`] until the next call.
-    pub(crate) async fn next(&mut self, s: &mut TcpStream) -> Result<FrameHeader, ConnError> {
+    pub(crate) async fn next<S: futures_lite::AsyncRead + Unpin>(
+        &mut self,
+        s: &mut S,
+    ) -> Result<FrameHeader, ConnError> {
         self.start += std::mem::take(&mut self.consumed);
         loop {
+            let pending = &self.buf[self.start..];
+            if pending.len() >= FRAME_HEADER_BYTES
+                && self.max_payload < frame::MAX_FRAME_PAYLOAD_BYTES
+            {
+                // The header is checked (crc, version, flags) before its length is trusted.
+                frame::decode(&pending[..FRAME_HEADER_BYTES])?;
+                let len = u32::from_le_bytes(pending[16..20].try_into().expect("4 bytes")) as usize;
+                if len > self.max_payload {
+                    return Err(FrameError::TooLong {
+                        len,
+                        max: self.max_payload,
+                    }
+                    .into());
+                }
+            }
             match frame::decode(&self.buf[self.start..])? {
                 Some((f, n)) => {
                     let p0 = self.start + FRAME_HEADER_BYTES;

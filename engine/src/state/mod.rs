@@ -573,6 +573,59 @@ impl StateMachine {
         Ok(self.versions(partition, key_id)?.pop())
     }
 
+    /// Up to `limit` keys of `partition` after `after` (exclusive) in key id order, each with
+    /// its newest live version, and whether more follow. Reads the base from the start of the
+    /// range only until `limit + 1` keys are seen, then merges the layers up to that point.
+    pub fn list_keys(
+        &self,
+        partition: PartitionId,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<(Vec<(KeyId, u32)>, bool), SnapshotError> {
+        let lo = match after {
+            Some(k) => (partition, k, u32::MAX),
+            None => (partition, KeyId([0; 16]), 0),
+        };
+        let hi = (partition, KeyId([0xff; 16]), u32::MAX);
+        // key id → version → live
+        let mut seen: BTreeMap<KeyId, BTreeMap<u32, bool>> = BTreeMap::new();
+        let mut cut: Option<KeyId> = None;
+        if let Some(b) = &self.base {
+            b.scan(lo, hi, &mut |e| {
+                if after == Some(e.header.key_id) || matches!(self.top(&e.slot()), Some(None)) {
+                    return true;
+                }
+                if !seen.contains_key(&e.header.key_id) && seen.len() > limit {
+                    cut = Some(e.header.key_id);
+                    return false;
+                }
+                seen.entry(e.header.key_id)
+                    .or_default()
+                    .insert(e.header.version, true);
+                true
+            })?;
+        }
+        let frozen = self.frozen.as_ref().map(|f| &f.layer);
+        for l in frozen.into_iter().chain(std::iter::once(&self.mem)) {
+            for ((_, k, v), e) in l.keys.range(lo..=hi) {
+                if after == Some(*k) || cut.is_some_and(|c| *k >= c) {
+                    continue;
+                }
+                seen.entry(*k).or_default().insert(*v, e.is_some());
+            }
+        }
+        let mut live = seen.into_iter().filter_map(|(k, vs)| {
+            vs.into_iter()
+                .filter(|(_, l)| *l)
+                .map(|(v, _)| v)
+                .max()
+                .map(|v| (k, v))
+        });
+        let keys: Vec<(KeyId, u32)> = live.by_ref().take(limit).collect();
+        let more = live.next().is_some() || cut.is_some();
+        Ok((keys, more))
+    }
+
     /// Whether any live key version of `partition` exists in any layer.
     fn partition_has_keys(&self, partition: PartitionId) -> Result<bool, SnapshotError> {
         let lo = (partition, KeyId([0; 16]), 0);
