@@ -2,6 +2,7 @@
 //! The protocols, the server, the client library and the peer transport come with the
 //! replication and service issues.
 
+pub mod client;
 pub mod client_proto;
 pub mod frame;
 pub mod join;
