@@ -14,6 +14,8 @@ pub struct Node {
     pub data_dir: PathBuf,
     pub config: PathBuf,
     pub peer_addr: String,
+    /// The node's client listener (docs/format.md §8).
+    pub client_addr: std::net::SocketAddr,
     pub child: Option<Child>,
 }
 
@@ -147,10 +149,11 @@ impl LocalCluster {
         let s = |p: &Path| p.to_string_lossy().into_owned();
         let kit = root.join("kit");
         card(&["ceremony-kit", "--out", &s(&kit), "--realm", "local-realm"])?;
-        let ports = free_ports(nodes as usize)?;
+        let all = free_ports(2 * nodes as usize)?;
+        let (ports, client_ports) = all.split_at(nodes as usize);
         let mut members = Vec::new();
         let mut out = Vec::new();
-        for (i, port) in (1..=nodes).zip(&ports) {
+        for ((i, port), client_port) in (1..=nodes).zip(ports).zip(client_ports) {
             let dir = root.join(format!("node-{i}"));
             let token_dir = dir.join("card");
             let label = format!("node-{i}");
@@ -172,9 +175,11 @@ impl LocalCluster {
                 .collect();
             let data_dir = dir.join("data");
             let config = dir.join("keyfortd.json");
+            let client_addr: std::net::SocketAddr = ([127, 0, 0, 1], *client_port).into();
             let cfg = serde_json::json!({
                 "data_dir": data_dir,
                 "peer_listen": peer_addr,
+                "client_listen": client_addr,
                 "card": { "token_dir": token_dir, "label": label, "pin_file": pin },
                 "tick_ms": tick_ms,
                 "synthetic_in_flight": synthetic_in_flight,
@@ -186,6 +191,7 @@ impl LocalCluster {
                 data_dir,
                 config,
                 peer_addr,
+                client_addr,
                 child: None,
             });
         }
@@ -222,6 +228,52 @@ impl LocalCluster {
             nodes: out,
             shards,
         })
+    }
+
+    /// Every node's client address.
+    pub fn client_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.nodes.iter().map(|n| n.client_addr).collect()
+    }
+
+    /// The cluster config file `keyfort cluster init` wrote.
+    pub fn cluster_config_file(&self) -> PathBuf {
+        self.root.join("cluster-config")
+    }
+
+    /// Issues an admin credential with node 1's card (`keyfort cluster admin-credential`) into
+    /// `<root>/admin.cred` and returns its path. `keyfort` is the CLI binary.
+    pub fn admin_credential(&self, keyfort: &Path) -> Result<PathBuf, String> {
+        let out = self.root.join("admin.cred");
+        run(
+            Command::new(keyfort)
+                .args(["cluster", "admin-credential", "--token-dir"])
+                .arg(self.root.join("node-1/card"))
+                .args(["--label", "node-1", "--config"])
+                .arg(self.cluster_config_file())
+                .arg("--out")
+                .arg(&out)
+                .env("KEYFORT_PIN_FILE", self.root.join("user.pin")),
+            "keyfort cluster admin-credential",
+        )?;
+        Ok(out)
+    }
+
+    /// SIGTERM to node `i`, then waits up to `timeout` for it to exit; returns its status.
+    pub fn sigterm(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.nodes[i].child.as_mut()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.nodes[i].child = None;
+                return Some(st);
+            }
+            std::thread::sleep(STATUS_POLL);
+        }
+        None
     }
 
     /// Starts node `i` (index into `nodes`), its stderr in `node-N/keyfortd.log`.

@@ -40,6 +40,31 @@ pub enum ClusterCmd {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Issue an operator (admin) credential, made in this card of the cluster's realm.
+    AdminCredential {
+        #[command(flatten)]
+        card: CardAt,
+        /// The cluster config file (`init --out`, or a node's `<data dir>/cluster-config`).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Every node's view of every shard: role, term, leader, commit, applied, snapshot, digest.
+    Status {
+        #[command(flatten)]
+        conn: crate::client_cmd::Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a local cluster of N nodes with their own SoftHSM cards (runs until SIGINT).
+    Up {
+        nodes: u64,
+        #[arg(long, default_value_t = 2)]
+        shards: u32,
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 pub fn run(cmd: ClusterCmd) -> crate::CmdResult {
@@ -55,6 +80,11 @@ pub fn run(cmd: ClusterCmd) -> crate::CmdResult {
             node_id,
             data_dir,
         } => bootstrap(&config, node_id, &data_dir),
+        ClusterCmd::AdminCredential { card, config, out } => {
+            crate::client_cmd::admin_credential(&card, &config, &out)
+        }
+        ClusterCmd::Status { conn, json } => crate::client_cmd::status(&conn, json),
+        ClusterCmd::Up { nodes, shards, dir } => crate::client_cmd::up(nodes, shards, &dir),
     }
 }
 

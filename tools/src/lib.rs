@@ -2,12 +2,15 @@
 //! own module; the binaries only parse arguments and dispatch.
 
 pub mod card;
+pub mod client_cmd;
 pub mod cluster_cmd;
 pub mod demo;
 pub mod demo_cluster;
 pub mod demo_snapshot;
 pub mod join;
 pub mod node;
+pub mod service;
+pub mod signals;
 pub mod snapshot_cmd;
 pub mod wbl_cmd;
 

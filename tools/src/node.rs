@@ -47,6 +47,12 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Peer listener; must match this node's address in the cluster config.
     pub peer_listen: SocketAddr,
+    /// Client listener (docs/format.md §8); none: this node serves no clients.
+    #[serde(default)]
+    pub client_listen: Option<SocketAddr>,
+    /// Durable store URL (the disaster-recovery issue uses it; accepted and recorded now).
+    #[serde(default)]
+    pub durable_store: Option<String>,
     pub card: CardConfig,
     /// Raft tick in milliseconds (elections after 10–20 ticks).
     #[serde(default = "default_tick_ms")]
@@ -262,6 +268,22 @@ async fn node(
     let bound = transport
         .listen(cfg.peer_listen)
         .map_err(|e| format!("peer listener {}: {e}", cfg.peer_listen))?;
+    let service = Rc::new(crate::service::Service {
+        cluster_id: cluster.cluster_id,
+        node_id: id.node_id,
+        replicas: replicas.clone(),
+        card: RefCell::new(card.session().map_err(|e| e.to_string())?),
+        mac: session.clone(),
+        stopping: Cell::new(false),
+    });
+    let client_bound = match cfg.client_listen {
+        Some(addr) => Some(
+            keyfort_net::server::ClientServer::new(service.clone())
+                .listen(addr)
+                .map_err(|e| format!("client listener {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let latency: Latency = Rc::new(RefCell::new(keyfort_bench::latency_histogram()));
     let bootstrap = ConfState {
         voters: cluster.members.iter().map(|m| m.node_id).collect(),
@@ -359,13 +381,19 @@ async fn node(
         .detach();
     }
     println!(
-        "keyfortd node {} of cluster {}: {} shards, peers on {bound}, started in {:.1} ms",
+        "keyfortd node {} of cluster {}: {} shards, peers on {bound}, clients on {}, started in \
+         {:.1} ms",
         id.node_id,
         hex(&cluster.cluster_id),
         cluster.shard_count,
+        client_bound.map_or("-".to_string(), |a| a.to_string()),
         t0.elapsed().as_secs_f64() * 1e3
     );
     loop {
+        if crate::signals::terminate_requested() {
+            let all = replicas.borrow().clone();
+            return shutdown(&service, &all, &transport).await;
+        }
         glommio::timer::sleep(
             cfg.status_ms
                 .map_or(STATUS_INTERVAL, |ms| Duration::from_millis(ms.max(1))),
@@ -385,6 +413,7 @@ async fn node(
         write_status(
             &cfg.data_dir,
             id.node_id,
+            client_bound,
             &replicas.borrow(),
             &latency.borrow(),
         )?;
@@ -523,9 +552,32 @@ async fn synthetic_load(
     }
 }
 
+/// SIGTERM: new client requests are answered `ShuttingDown`, requests in flight get up to
+/// [`SHUTDOWN_GRACE`] to finish, then every shard's WBL is closed (its writes flushed) and the
+/// process exits 0.
+async fn shutdown(
+    service: &crate::service::Service,
+    replicas: &[Rc<Replica>],
+    transport: &PeerTransport,
+) -> crate::CmdResult {
+    println!("keyfortd node {}: SIGTERM, shutting down", service.node_id);
+    service.stopping.set(true);
+    glommio::timer::sleep(SHUTDOWN_GRACE).await;
+    transport.close().await;
+    for r in replicas {
+        r.close().await.map_err(|e| e.to_string())?;
+    }
+    println!("keyfortd node {}: stopped", service.node_id);
+    Ok(())
+}
+
+/// How long in-flight client requests get to finish after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
 fn write_status(
     dir: &Path,
     node: u64,
+    client_addr: Option<SocketAddr>,
     replicas: &[Rc<Replica>],
     latency: &hdrhistogram::Histogram<u64>,
 ) -> crate::CmdResult {
@@ -553,6 +605,7 @@ fn write_status(
         .collect();
     let v = serde_json::json!({
         "node": node,
+        "client_addr": client_addr.map(|a| a.to_string()),
         "shards": shards,
         "synthetic_commit_latency": keyfort_bench::LatencySummary::of(latency),
     });

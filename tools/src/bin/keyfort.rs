@@ -39,6 +39,27 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SnapshotCmd,
     },
+    /// Partitions (admin credential): create, delete, issue client credentials.
+    Partition {
+        #[command(subcommand)]
+        cmd: keyfort_tools::client_cmd::PartitionCmd,
+    },
+    /// Keys of the credential's partition.
+    Key {
+        #[command(subcommand)]
+        cmd: keyfort_tools::client_cmd::KeyCmd,
+    },
+    /// Encrypt `--in` under a key's current version (AES-256-GCM in the card).
+    Encrypt(keyfort_tools::client_cmd::UseIo),
+    /// Decrypt an envelope made by `encrypt`.
+    Decrypt(keyfort_tools::client_cmd::UseIo),
+    /// A fresh data key: plaintext (hex) on stdout, sealed under the key to `--out`.
+    DataKey {
+        #[command(flatten)]
+        io: keyfort_tools::client_cmd::UseIo,
+        #[arg(long, default_value_t = 32)]
+        len: u8,
+    },
     /// Run the README's main job on the embedded defaults.
     Demo(keyfort_tools::demo::DemoArgs),
     /// The demo's WBL writer child (killed by the demo; not for operators).
@@ -56,6 +77,11 @@ fn main() -> ExitCode {
         Cmd::Cluster { cmd } => keyfort_tools::cluster_cmd::run(cmd),
         Cmd::Wbl { cmd } => keyfort_tools::wbl_cmd::run(cmd),
         Cmd::Snapshot { cmd } => keyfort_tools::snapshot_cmd::run(cmd),
+        Cmd::Partition { cmd } => keyfort_tools::client_cmd::partition(cmd),
+        Cmd::Key { cmd } => keyfort_tools::client_cmd::key(cmd),
+        Cmd::Encrypt(io) => keyfort_tools::client_cmd::encrypt(io),
+        Cmd::Decrypt(io) => keyfort_tools::client_cmd::decrypt(io),
+        Cmd::DataKey { io, len } => keyfort_tools::client_cmd::data_key(io, len),
         Cmd::Demo(a) => keyfort_tools::demo::run(a),
         Cmd::DemoWblWriter(a) => keyfort_tools::demo::writer(a),
         Cmd::DemoShardWriter(a) => keyfort_tools::demo_snapshot::shard_writer(a),

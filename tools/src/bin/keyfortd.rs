@@ -1,6 +1,6 @@
-//! `keyfortd`: one keyfort node (see `keyfort_tools::node`). The client protocol arrives with
-//! the service issue; this is the node's peer side: its card, its shards' raft replicas over
-//! their logs, and the authenticated peer transport.
+//! `keyfortd`: one keyfort node (see `keyfort_tools::node`): its card, its shards' raft
+//! replicas over their logs, the authenticated peer transport and the client server. SIGTERM
+//! (or SIGINT) shuts it down gracefully.
 
 use clap::Parser;
 use std::path::PathBuf;
@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    keyfort_tools::signals::install();
     match keyfort_tools::node::run(&args.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {

@@ -1,0 +1,693 @@
+//! What keyfortd does for a client request (docs/format.md §8.5): the write path and the use
+//! path of DESIGN.md over this node's card and shard replicas.
+//!
+//! Writes: this node's card makes the key material (create, rotate) or the partition keys
+//! (partition create); the record is proposed to the partition's shard from here (forwarded to
+//! the leader when this node is not it) with the client's idempotency id; the answer comes
+//! once the record is committed and applied here. Reads and uses: a ReadIndex round on the
+//! shard (linearizable with rotate and delete), then the state, then the card.
+//!
+//! The service's card session is its own (`card`): it holds imported partitions and the
+//! bounded handle cache. Partitions are imported from the replicated state on first use and
+//! dropped when the state no longer has them.
+
+use keyfort_engine::cluster::shard_of;
+use keyfort_engine::raft::{Committed, ProposeError, Replica, ReplicaError};
+use keyfort_engine::state::{IdempotencyId, KeyEntry, KeyPut, KeyState, Op, OutcomeCode, PutOp};
+use keyfort_hsm::format::Envelope;
+use keyfort_hsm::{
+    CardError, CoreSession, KeyHeader, KeyId, MaskedBlob, PartitionId, WrappedUnder,
+};
+use keyfort_net::client_proto::{
+    create_flags, ErrorCode, ErrorReply, KeyStateCode, KeyWritten, Request, Response, Scope,
+    ShardStatus, VersionInfo, ADMIN_CREDENTIAL_DOMAIN, CHALLENGE_LEN, CLIENT_MAX_FRAME_PAYLOAD,
+    MAX_DESCRIBE_VERSIONS,
+};
+use keyfort_net::server::ClientService;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+/// Bytes of a describe answer besides its versions: key id, truncated flag, count.
+const DESCRIBE_FIXED_BYTES: usize = 16 + 1 + 2;
+/// Bytes of one described version besides its metadata.
+const DESCRIBE_VERSION_BYTES: usize = 4 + 1 + 8 + 2;
+
+/// Domain tag of key ids derived from idempotency ids (§8.5).
+pub const KEY_ID_DOMAIN: &[u8] = b"keyfort-key-id-v1";
+
+/// The key id a create with idempotency id `idem` in `partition` gets: derived, so every try
+/// of the same create names the same key, whichever node's card makes its material.
+pub fn derived_key_id(partition: &PartitionId, idem: &[u8; 16]) -> KeyId {
+    let mut b = Vec::with_capacity(KEY_ID_DOMAIN.len() + 32);
+    b.extend_from_slice(KEY_ID_DOMAIN);
+    b.extend_from_slice(&partition.0);
+    b.extend_from_slice(idem);
+    KeyId(xxhash_rust::xxh3::xxh3_128(&b).to_le_bytes())
+}
+
+/// The admin secret of `client_id`: HMAC(integrity key, domain ‖ client id), made in a card of
+/// the realm (`keyfort cluster admin-credential` issues it; the node recomputes it to check).
+pub fn admin_secret(mac: &CoreSession, client_id: &[u8; 16]) -> Result<[u8; 32], CardError> {
+    let mut b = ADMIN_CREDENTIAL_DOMAIN.to_vec();
+    b.extend_from_slice(client_id);
+    mac.mac(&b)
+}
+
+pub struct Service {
+    pub cluster_id: [u8; 16],
+    pub node_id: u64,
+    pub replicas: Rc<RefCell<Vec<Rc<Replica>>>>,
+    /// Key operations' card session (partitions, handle cache, IVs).
+    pub card: RefCell<CoreSession>,
+    /// The session holding the cluster integrity key (admin credentials).
+    pub mac: Rc<CoreSession>,
+    pub stopping: Cell<bool>,
+}
+
+type Answer = Result<Response, ErrorReply>;
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(code, msg)
+}
+
+fn card_err(e: CardError) -> ErrorReply {
+    let code = match &e {
+        CardError::BadMac { .. } | CardError::Corrupt { .. } => ErrorCode::Corrupt,
+        CardError::WrongRealm { .. } | CardError::WrongVendor { .. } => ErrorCode::WrongRealm,
+        _ => ErrorCode::Internal,
+    };
+    err(code, format!("card: {e}"))
+}
+
+fn replica_err(e: ReplicaError) -> ErrorReply {
+    match e {
+        ReplicaError::Propose(ProposeError::NotLeader { leader }) => ErrorReply {
+            leader: leader.unwrap_or(0),
+            ..err(ErrorCode::Retry, "no leader for the shard yet")
+        },
+        ReplicaError::Busy { .. } => err(ErrorCode::Overloaded, e.to_string()),
+        ReplicaError::Stopped(_) => err(ErrorCode::ShuttingDown, e.to_string()),
+        _ => err(ErrorCode::Retry, e.to_string()),
+    }
+}
+
+fn state_err(e: keyfort_engine::snapshot::SnapshotError) -> ErrorReply {
+    err(ErrorCode::Internal, format!("state: {e}"))
+}
+
+/// A rejection outcome as the client's error.
+fn outcome_err(code: OutcomeCode, version: u32) -> ErrorReply {
+    let (c, msg) = match code {
+        OutcomeCode::KeyExists => (ErrorCode::AlreadyExists, "the key exists"),
+        OutcomeCode::PartitionExists => (ErrorCode::AlreadyExists, "the partition exists"),
+        OutcomeCode::NoSuchKey => (ErrorCode::NotFound, "no such key or version"),
+        OutcomeCode::NoSuchPartition => (ErrorCode::NoSuchPartition, "no such partition"),
+        OutcomeCode::StaleVersion => (
+            ErrorCode::VersionConflict,
+            "the version named is no longer current",
+        ),
+        OutcomeCode::InvalidVersion => (ErrorCode::InvalidVersion, "version out of sequence"),
+        OutcomeCode::IdempotencyConflict => (
+            ErrorCode::IdempotencyConflict,
+            "the idempotency id was first used by another operation",
+        ),
+        OutcomeCode::PartitionNotEmpty => (
+            ErrorCode::PartitionNotEmpty,
+            "the partition still holds keys",
+        ),
+        _ => (ErrorCode::Internal, "unexpected apply outcome"),
+    };
+    ErrorReply {
+        version,
+        ..err(c, format!("{msg} ({code:?})"))
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Service {
+    fn shard_count(&self) -> u32 {
+        self.replicas.borrow().len() as u32
+    }
+
+    fn replica_of(&self, p: &PartitionId) -> Result<Rc<Replica>, ErrorReply> {
+        let n = self.shard_count();
+        self.replicas
+            .borrow()
+            .get(shard_of(p, n) as usize)
+            .cloned()
+            .ok_or_else(|| err(ErrorCode::Retry, "the node is still starting"))
+    }
+
+    /// A linearizable read point on the partition's shard.
+    async fn read(&self, p: &PartitionId) -> Result<Rc<Replica>, ErrorReply> {
+        let r = self.replica_of(p)?;
+        r.read_index().await.map_err(replica_err)?;
+        Ok(r)
+    }
+
+    /// The partition's config in the replica's applied state.
+    fn partition_config(r: &Replica, p: &PartitionId) -> Option<Vec<u8>> {
+        r.with_core(|c| {
+            c.state_machine()
+                .partitions()
+                .find(|(id, _)| *id == p)
+                .map(|(_, cfg)| cfg.clone())
+        })
+    }
+
+    /// Loads the partition into the service's card session from the state (once).
+    fn ensure_partition(&self, r: &Replica, p: &PartitionId) -> Result<(), ErrorReply> {
+        let Some(cfg) = Self::partition_config(r, p) else {
+            self.card.borrow_mut().drop_partition(p);
+            return Err(err(ErrorCode::NoSuchPartition, format!("no partition {p}")));
+        };
+        let mut card = self.card.borrow_mut();
+        if !card.partition_loaded(p) {
+            card.import_partition(&cfg).map_err(card_err)?;
+        }
+        Ok(())
+    }
+
+    async fn propose(&self, r: &Rc<Replica>, op: &Op) -> Result<Committed, ErrorReply> {
+        r.propose_anywhere(op.kind(), &op.encode())
+            .await
+            .map_err(replica_err)
+    }
+
+    fn key_written(
+        c: &Committed,
+        key_id: KeyId,
+        backup: Option<Vec<u8>>,
+    ) -> Result<Response, ErrorReply> {
+        let o = c.result.outcome;
+        if o.code.is_rejected() {
+            return Err(outcome_err(o.code, o.version));
+        }
+        let duplicate = c.result.duplicate_of_lsn.is_some();
+        Ok(Response::KeyWritten(KeyWritten {
+            key_id: key_id.0,
+            version: o.version,
+            lsn: c.result.duplicate_of_lsn.unwrap_or(c.index),
+            duplicate,
+            // A duplicate's key material is not the key that exists: its backup is not given.
+            backup: if duplicate {
+                Vec::new()
+            } else {
+                backup.unwrap_or_default()
+            },
+        }))
+    }
+
+    async fn run(self: Rc<Self>, scope: Scope, req: Request) -> Answer {
+        match (&scope, req) {
+            (_, Request::Route) => Ok(Response::Route {
+                node_id: self.node_id,
+                leaders: self
+                    .replicas
+                    .borrow()
+                    .iter()
+                    .map(|r| r.with_core(|c| c.leader_id().unwrap_or(0)))
+                    .collect(),
+            }),
+            (Scope::Admin, Request::ClusterStatus) => Ok(self.status()),
+            (Scope::Admin, Request::PartitionCreate { partition }) => {
+                self.partition_create(PartitionId(partition)).await
+            }
+            (Scope::Admin, Request::PartitionDelete { partition }) => {
+                let p = PartitionId(partition);
+                let r = self.replica_of(&p)?;
+                let c = self
+                    .propose(&r, &Op::PartitionDelete { partition: p })
+                    .await?;
+                let o = c.result.outcome;
+                if o.code.is_rejected() {
+                    return Err(outcome_err(o.code, o.version));
+                }
+                self.card.borrow_mut().drop_partition(&p);
+                Ok(Response::PartitionDeleted { lsn: c.index })
+            }
+            (Scope::Admin, Request::CredentialIssue { partition }) => {
+                let p = PartitionId(partition);
+                let r = self.read(&p).await?;
+                let (client_id, credential) = self.issue_credential(&r, &p)?;
+                Ok(Response::Credential {
+                    client_id,
+                    credential,
+                })
+            }
+            (Scope::Partition(p), req) => self.key_op(PartitionId(*p), req).await,
+            (Scope::Admin, _) => Err(err(
+                ErrorCode::Forbidden,
+                "key operations need a partition client's credential",
+            )),
+        }
+    }
+
+    /// A new client of partition `p`: a random client id and its credential, derived in the
+    /// card from the partition's credential key (issued once; the node keeps nothing).
+    fn issue_credential(
+        &self,
+        r: &Replica,
+        p: &PartitionId,
+    ) -> Result<([u8; 16], [u8; 32]), ErrorReply> {
+        self.ensure_partition(r, p)?;
+        let client_id: [u8; 16] = rand::random();
+        let credential = self
+            .card
+            .borrow()
+            .issue_client_credential(p, &client_id)
+            .map_err(card_err)?;
+        Ok((client_id, credential))
+    }
+
+    async fn partition_create(&self, p: PartitionId) -> Answer {
+        let r = self.replica_of(&p)?;
+        let config = self
+            .card
+            .borrow_mut()
+            .create_partition(p)
+            .map_err(card_err)?;
+        // The creating session now holds this try's keys; what commits may be another try's
+        // (a retry, a race): the session reloads the partition from the state when used.
+        self.card.borrow_mut().drop_partition(&p);
+        let c = self
+            .propose(
+                &r,
+                &Op::PartitionCreate {
+                    partition: p,
+                    config,
+                },
+            )
+            .await?;
+        let o = c.result.outcome;
+        if o.code.is_rejected() {
+            return Err(outcome_err(o.code, o.version));
+        }
+        let (client_id, credential) = self.issue_credential(&r, &p)?;
+        Ok(Response::PartitionCreated {
+            lsn: c.index,
+            client_id,
+            credential,
+        })
+    }
+
+    /// The current version of a key for a use: enabled, or a typed refusal.
+    fn current(r: &Replica, p: PartitionId, k: KeyId) -> Result<KeyEntry, ErrorReply> {
+        let e = r
+            .with_core(|c| c.state_machine().current(p, k))
+            .map_err(state_err)?
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("no key {k}")))?;
+        if e.state == KeyState::Disabled {
+            return Err(err(
+                ErrorCode::Disabled,
+                format!("key {k} version {} is disabled", e.header.version),
+            ));
+        }
+        Ok(e)
+    }
+
+    async fn key_op(&self, p: PartitionId, req: Request) -> Answer {
+        match req {
+            Request::KeyCreate {
+                idempotency_id,
+                flags,
+                metadata,
+            } => {
+                let r = self.replica_of(&p)?;
+                let key_id = if idempotency_id == [0; 16] {
+                    KeyId(rand::random())
+                } else {
+                    derived_key_id(&p, &idempotency_id)
+                };
+                if Self::partition_config(&r, &p).is_none() {
+                    // Maybe not applied here yet: one read round before refusing.
+                    r.read_index().await.map_err(replica_err)?;
+                }
+                self.ensure_partition(&r, &p)?;
+                let header = KeyHeader::aes(p, key_id, 1);
+                let made = {
+                    let mut card = self.card.borrow_mut();
+                    if flags & create_flags::BACKUP != 0 {
+                        card.create_key_with_backup(&header)
+                    } else {
+                        card.create_key(&header)
+                            .map(|blob| keyfort_hsm::CreatedKey { blob, backup: None })
+                    }
+                }
+                .map_err(card_err)?;
+                let op = Op::KeyPut(KeyPut {
+                    op: PutOp::Create,
+                    idempotency_id: IdempotencyId(idempotency_id),
+                    header,
+                    version_replaced: 0,
+                    state: if flags & create_flags::DISABLED != 0 {
+                        KeyState::Disabled
+                    } else {
+                        KeyState::Enabled
+                    },
+                    metadata,
+                    blob: made.blob,
+                });
+                let c = self.propose(&r, &op).await?;
+                Self::key_written(&c, key_id, made.backup)
+            }
+            Request::KeyRotate {
+                idempotency_id,
+                key_id,
+                replaces,
+            } => {
+                let r = self.replica_of(&p)?;
+                self.ensure_partition(&r, &p)?;
+                let next = replaces
+                    .checked_add(1)
+                    .ok_or_else(|| err(ErrorCode::InvalidVersion, "no version after u32::MAX"))?;
+                let header = KeyHeader::aes(p, KeyId(key_id), next);
+                let blob = self
+                    .card
+                    .borrow_mut()
+                    .create_key(&header)
+                    .map_err(card_err)?;
+                let op = Op::KeyPut(KeyPut {
+                    op: PutOp::Rotate,
+                    idempotency_id: IdempotencyId(idempotency_id),
+                    header,
+                    version_replaced: replaces,
+                    state: KeyState::Enabled,
+                    metadata: Vec::new(),
+                    blob,
+                });
+                let c = self.propose(&r, &op).await?;
+                Self::key_written(&c, KeyId(key_id), None)
+            }
+            Request::KeyUpdate {
+                idempotency_id,
+                key_id,
+                version,
+                state,
+                metadata,
+            } => {
+                let r = self.replica_of(&p)?;
+                let op = Op::KeyPut(KeyPut {
+                    op: PutOp::Update,
+                    idempotency_id: IdempotencyId(idempotency_id),
+                    header: KeyHeader::aes(p, KeyId(key_id), version),
+                    version_replaced: 0,
+                    state: match state {
+                        KeyStateCode::Enabled => KeyState::Enabled,
+                        KeyStateCode::Disabled => KeyState::Disabled,
+                    },
+                    metadata,
+                    blob: Vec::new(),
+                });
+                let c = self.propose(&r, &op).await?;
+                Self::key_written(&c, KeyId(key_id), None)
+            }
+            Request::KeyDelete {
+                idempotency_id,
+                key_id,
+            } => {
+                let r = self.replica_of(&p)?;
+                let op = Op::KeyDelete {
+                    idempotency_id: IdempotencyId(idempotency_id),
+                    partition: p,
+                    key_id: KeyId(key_id),
+                };
+                let c = self.propose(&r, &op).await?;
+                let out = Self::key_written(&c, KeyId(key_id), None)?;
+                if let Response::KeyWritten(w) = &out {
+                    let mut card = self.card.borrow_mut();
+                    for v in 1..=w.version.min(MAX_DESCRIBE_VERSIONS as u32) {
+                        card.forget_key(&keyfort_hsm::KeyRef {
+                            partition: p,
+                            key_id: KeyId(key_id),
+                            version: v,
+                        });
+                    }
+                }
+                Ok(out)
+            }
+            Request::KeyRestore {
+                idempotency_id,
+                backup,
+            } => {
+                let b = MaskedBlob::decode(&backup).map_err(card_err)?;
+                if b.header.partition != p {
+                    return Err(err(
+                        ErrorCode::Forbidden,
+                        "the backup belongs to another partition",
+                    ));
+                }
+                if b.under != WrappedUnder::BackupKbk {
+                    return Err(err(ErrorCode::BadRequest, "not a single-key backup"));
+                }
+                if b.header.version != 1 {
+                    return Err(err(
+                        ErrorCode::InvalidVersion,
+                        "only a key's first version has a backup (made at its creation)",
+                    ));
+                }
+                let r = self.read(&p).await?;
+                self.ensure_partition(&r, &p)?;
+                // Checks the backup's MAC and that it unwraps, in the card.
+                self.card
+                    .borrow_mut()
+                    .key_handle(&backup)
+                    .map_err(card_err)?;
+                let key_id = b.header.key_id;
+                let op = Op::KeyPut(KeyPut {
+                    op: PutOp::Create,
+                    idempotency_id: IdempotencyId(idempotency_id),
+                    header: b.header,
+                    version_replaced: 0,
+                    state: KeyState::Enabled,
+                    metadata: Vec::new(),
+                    blob: backup,
+                });
+                let c = self.propose(&r, &op).await?;
+                Self::key_written(&c, key_id, None)
+            }
+            Request::KeyDescribe { key_id } => {
+                let r = self.read(&p).await?;
+                let vs = r
+                    .with_core(|c| c.state_machine().versions(p, KeyId(key_id)))
+                    .map_err(state_err)?;
+                if vs.is_empty() {
+                    return Err(err(
+                        ErrorCode::NotFound,
+                        format!("no key {}", KeyId(key_id)),
+                    ));
+                }
+                // The newest versions that fit one answer: at most MAX_DESCRIBE_VERSIONS, and
+                // within the frame limit (each costs 15 bytes and its metadata).
+                let mut keep = 0;
+                let mut bytes = DESCRIBE_FIXED_BYTES;
+                for e in vs.iter().rev().take(MAX_DESCRIBE_VERSIONS as usize) {
+                    bytes += DESCRIBE_VERSION_BYTES + e.metadata.len();
+                    if bytes > CLIENT_MAX_FRAME_PAYLOAD {
+                        break;
+                    }
+                    keep += 1;
+                }
+                let truncated = keep < vs.len();
+                let versions = vs[vs.len() - keep..]
+                    .iter()
+                    .map(|e| VersionInfo {
+                        version: e.header.version,
+                        state: match e.state {
+                            KeyState::Enabled => KeyStateCode::Enabled,
+                            KeyState::Disabled => KeyStateCode::Disabled,
+                        },
+                        created_lsn: e.lsn_created,
+                        metadata: e.metadata.clone(),
+                    })
+                    .collect();
+                Ok(Response::Described {
+                    key_id,
+                    versions,
+                    truncated,
+                })
+            }
+            Request::KeyList { after, limit } => {
+                let r = self.read(&p).await?;
+                let (keys, more) = r
+                    .with_core(|c| {
+                        c.state_machine()
+                            .list_keys(p, after.map(KeyId), limit as usize)
+                    })
+                    .map_err(state_err)?;
+                Ok(Response::Listed {
+                    keys: keys.into_iter().map(|(k, v)| (k.0, v)).collect(),
+                    more,
+                })
+            }
+            Request::Encrypt {
+                key_id,
+                aad,
+                plaintext,
+            } => {
+                let r = self.read(&p).await?;
+                let e = Self::current(&r, p, KeyId(key_id))?;
+                self.ensure_partition(&r, &p)?;
+                let envelope = self
+                    .card
+                    .borrow_mut()
+                    .encrypt(&e.blob, &plaintext, &aad)
+                    .map_err(card_err)?;
+                Ok(Response::Encrypted {
+                    version: e.header.version,
+                    envelope,
+                })
+            }
+            Request::GenerateDataKey { key_id, len, aad } => {
+                let r = self.read(&p).await?;
+                let e = Self::current(&r, p, KeyId(key_id))?;
+                self.ensure_partition(&r, &p)?;
+                let (plaintext, envelope) = self
+                    .card
+                    .borrow_mut()
+                    .generate_data_key(&e.blob, len as usize, &aad)
+                    .map_err(card_err)?;
+                Ok(Response::DataKey {
+                    version: e.header.version,
+                    plaintext,
+                    envelope,
+                })
+            }
+            Request::Decrypt {
+                key_id,
+                aad,
+                envelope,
+            } => {
+                let env = Envelope::decode(&envelope)
+                    .map_err(|e| err(ErrorCode::BadEnvelope, e.to_string()))?;
+                if env.key.partition != p || env.key.key_id != KeyId(key_id) {
+                    return Err(err(
+                        ErrorCode::BadEnvelope,
+                        "the envelope was made by another key",
+                    ));
+                }
+                let r = self.read(&p).await?;
+                let e = r
+                    .with_core(|c| c.state_machine().get(p, KeyId(key_id), env.key.version))
+                    .map_err(state_err)?
+                    .ok_or_else(|| {
+                        err(
+                            ErrorCode::NotFound,
+                            format!("no key {} version {}", KeyId(key_id), env.key.version),
+                        )
+                    })?;
+                if e.state == KeyState::Disabled {
+                    return Err(err(ErrorCode::Disabled, "the key version is disabled"));
+                }
+                self.ensure_partition(&r, &p)?;
+                let plaintext = self
+                    .card
+                    .borrow_mut()
+                    .decrypt(&e.blob, &envelope, &aad)
+                    .map_err(|e| match e {
+                        CardError::BadMac { .. } => err(
+                            ErrorCode::BadEnvelope,
+                            "the envelope does not open (tampered, or another AAD)",
+                        ),
+                        e => card_err(e),
+                    })?;
+                Ok(Response::Decrypted { plaintext })
+            }
+            _ => Err(err(
+                ErrorCode::Forbidden,
+                "this operation needs an admin credential",
+            )),
+        }
+    }
+
+    fn status(&self) -> Response {
+        let shards = self
+            .replicas
+            .borrow()
+            .iter()
+            .map(|r| {
+                r.with_core(|c| ShardStatus {
+                    shard: c.shard(),
+                    role: match c.role() {
+                        raft::StateRole::Follower => 1,
+                        raft::StateRole::Candidate => 2,
+                        raft::StateRole::Leader => 3,
+                        raft::StateRole::PreCandidate => 4,
+                    },
+                    term: c.term(),
+                    leader: c.leader_id().unwrap_or(0),
+                    commit: c.commit_index(),
+                    applied: c.applied(),
+                    snapshot_lsn: c.state_machine().base().map_or(0, |b| b.lsn()),
+                    digest: c.state_machine().digest().to_bytes(),
+                    keys: c.state_machine().key_count(),
+                })
+            })
+            .collect();
+        Response::Status {
+            node_id: self.node_id,
+            shards,
+        }
+    }
+}
+
+impl ClientService for Service {
+    fn identity(&self) -> ([u8; 16], u64) {
+        (self.cluster_id, self.node_id)
+    }
+
+    fn verify_proof<'a>(
+        &'a self,
+        scope: Scope,
+        client_id: [u8; 16],
+        challenge: [u8; CHALLENGE_LEN],
+        context: Vec<u8>,
+        response: [u8; 32],
+    ) -> Pin<Box<dyn Future<Output = Result<bool, ErrorReply>> + 'a>> {
+        Box::pin(async move {
+            match scope {
+                Scope::Admin => {
+                    let secret = admin_secret(&self.mac, &client_id).map_err(card_err)?;
+                    let want = keyfort_hsm::client_answer(&secret, &challenge, &context);
+                    Ok(ct_eq(&want, &response))
+                }
+                Scope::Partition(p) => {
+                    let p = PartitionId(p);
+                    let r = self.replica_of(&p)?;
+                    if Self::partition_config(&r, &p).is_none() {
+                        r.read_index().await.map_err(replica_err)?;
+                    }
+                    if self.ensure_partition(&r, &p).is_err() {
+                        return Ok(false);
+                    }
+                    match self
+                        .card
+                        .borrow()
+                        .verify_client_response(&p, &client_id, &challenge, &context, &response)
+                    {
+                        Ok(()) => Ok(true),
+                        Err(CardError::BadMac { .. }) => Ok(false),
+                        Err(e) => Err(card_err(e)),
+                    }
+                }
+            }
+        })
+    }
+
+    fn handle(
+        self: Rc<Self>,
+        scope: Scope,
+        req: Request,
+    ) -> Pin<Box<dyn Future<Output = Result<Response, ErrorReply>>>> {
+        Box::pin(self.run(scope, req))
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.stopping.get()
+    }
+}
