@@ -34,6 +34,12 @@ const DESCRIBE_FIXED_BYTES: usize = 16 + 1 + 2;
 /// Bytes of one described version besides its metadata.
 const DESCRIBE_VERSION_BYTES: usize = 4 + 1 + 8 + 2;
 
+/// Longest wait for a write forwarded from this node (a follower) to its shard's leader
+/// before answering `Retry` (the engine's own forward timeout is longer).
+pub const FORWARD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a forwarded write checks whether its shard's leader changed.
+pub const FORWARD_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Domain tag of key ids derived from idempotency ids (§8.5).
 pub const KEY_ID_DOMAIN: &[u8] = b"keyfort-key-id-v1";
 
@@ -130,17 +136,33 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Service {
-    fn shard_count(&self) -> u32 {
-        self.replicas.borrow().len() as u32
+    /// The cluster's shard count once every shard's replica is open here, `None` before: the
+    /// client listener starts before the replicas, which open one by one, and a partition
+    /// must not be looked up in the wrong shard meanwhile (its count is the one of shard 0's
+    /// cluster config; the replicas opened so far where that config is not in the state).
+    fn shard_count(&self) -> Option<u32> {
+        let replicas = self.replicas.borrow();
+        let open = replicas.len() as u32;
+        let configured = replicas.first()?.with_core(|c| {
+            c.state_machine()
+                .cluster_config()
+                .and_then(|b| keyfort_engine::cluster::ClusterConfig::decode(b).ok())
+                .map(|cfg| cfg.shard_count)
+        });
+        match configured {
+            Some(n) if n != open => None,
+            _ => Some(open),
+        }
     }
 
     fn replica_of(&self, p: &PartitionId) -> Result<Rc<Replica>, ErrorReply> {
-        let n = self.shard_count();
+        let starting = || err(ErrorCode::Retry, "the node is still starting");
+        let n = self.shard_count().ok_or_else(starting)?;
         self.replicas
             .borrow()
             .get(shard_of(p, n) as usize)
             .cloned()
-            .ok_or_else(|| err(ErrorCode::Retry, "the node is still starting"))
+            .ok_or_else(starting)
     }
 
     /// A linearizable read point on the partition's shard.
@@ -173,10 +195,40 @@ impl Service {
         Ok(())
     }
 
+    /// Proposes `op` on the shard: on its leader directly; from a follower forwarded by raft to
+    /// the leader, waiting at most [`FORWARD_WAIT`] — a leader that died meanwhile is not
+    /// noticed before the election timeout, and the client does better retrying (same
+    /// idempotency id) where the new leader will be than waiting here.
     async fn propose(&self, r: &Rc<Replica>, op: &Op) -> Result<Committed, ErrorReply> {
-        r.propose_anywhere(op.kind(), &op.encode())
-            .await
-            .map_err(replica_err)
+        let leader = r.with_core(|c| c.leader_id());
+        let payload = op.encode();
+        let fut = r.propose_anywhere(op.kind(), &payload);
+        if r.with_core(|c| c.is_leader()) {
+            return fut.await.map_err(replica_err);
+        }
+        let r2 = r.clone();
+        futures_lite::future::or(async { fut.await.map_err(replica_err) }, async move {
+            // Gives up at FORWARD_WAIT, or as soon as the shard's leader changes: a proposal
+            // forwarded to a leader that died is lost, and the new leader is where to retry.
+            let t = std::time::Instant::now();
+            let mut now = leader;
+            while t.elapsed() < FORWARD_WAIT && now == leader {
+                glommio::timer::sleep(FORWARD_POLL).await;
+                now = r2.with_core(|c| c.leader_id());
+            }
+            Err(ErrorReply {
+                leader: now.unwrap_or(0),
+                ..err(
+                    ErrorCode::Retry,
+                    if now == leader {
+                        format!("forwarded to the leader, not applied here within {FORWARD_WAIT:?}")
+                    } else {
+                        "the shard's leader changed while the write was forwarded".to_string()
+                    },
+                )
+            })
+        })
+        .await
     }
 
     fn key_written(
@@ -205,6 +257,9 @@ impl Service {
 
     async fn run(self: Rc<Self>, scope: Scope, req: Request) -> Answer {
         match (&scope, req) {
+            (_, Request::Route) if self.shard_count().is_none() => {
+                Err(err(ErrorCode::Retry, "the node is still starting"))
+            }
             (_, Request::Route) => Ok(Response::Route {
                 node_id: self.node_id,
                 leaders: self
