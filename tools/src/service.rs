@@ -172,26 +172,28 @@ impl Service {
         Ok(r)
     }
 
-    /// The partition's config in the replica's applied state.
-    fn partition_config(r: &Replica, p: &PartitionId) -> Option<Vec<u8>> {
-        r.with_core(|c| {
-            c.state_machine()
-                .partitions()
-                .find(|(id, _)| *id == p)
-                .map(|(_, cfg)| cfg.clone())
-        })
+    /// Whether the partition exists in the replica's applied state.
+    fn has_partition(r: &Replica, p: &PartitionId) -> bool {
+        r.with_core(|c| c.state_machine().partition(p).is_some())
     }
 
-    /// Loads the partition into the service's card session from the state (once).
+    /// Loads the partition into the service's card session from the state (once); refuses a
+    /// partition the state no longer has (and forgets it in the card).
     fn ensure_partition(&self, r: &Replica, p: &PartitionId) -> Result<(), ErrorReply> {
-        let Some(cfg) = Self::partition_config(r, p) else {
+        if !Self::has_partition(r, p) {
             self.card.borrow_mut().drop_partition(p);
             return Err(err(ErrorCode::NoSuchPartition, format!("no partition {p}")));
-        };
-        let mut card = self.card.borrow_mut();
-        if !card.partition_loaded(p) {
-            card.import_partition(&cfg).map_err(card_err)?;
         }
+        if self.card.borrow().partition_loaded(p) {
+            return Ok(());
+        }
+        let cfg = r.with_core(|c| c.state_machine().partition(p).map(<[u8]>::to_vec));
+        let cfg =
+            cfg.ok_or_else(|| err(ErrorCode::NoSuchPartition, format!("no partition {p}")))?;
+        self.card
+            .borrow_mut()
+            .import_partition(&cfg)
+            .map_err(card_err)?;
         Ok(())
     }
 
@@ -379,7 +381,7 @@ impl Service {
                 } else {
                     derived_key_id(&p, &idempotency_id)
                 };
-                if Self::partition_config(&r, &p).is_none() {
+                if !Self::has_partition(&r, &p) {
                     // Maybe not applied here yet: one read round before refusing.
                     r.read_index().await.map_err(replica_err)?;
                 }
@@ -714,7 +716,7 @@ impl ClientService for Service {
                 Scope::Partition(p) => {
                     let p = PartitionId(p);
                     let r = self.replica_of(&p)?;
-                    if Self::partition_config(&r, &p).is_none() {
+                    if !Self::has_partition(&r, &p) {
                         r.read_index().await.map_err(replica_err)?;
                     }
                     if self.ensure_partition(&r, &p).is_err() {

@@ -504,6 +504,10 @@ impl StateMachine {
     pub fn partitions(&self) -> impl Iterator<Item = (&PartitionId, &Vec<u8>)> {
         self.partitions.iter()
     }
+    /// One partition's config, if the partition exists.
+    pub fn partition(&self, p: &PartitionId) -> Option<&[u8]> {
+        self.partitions.get(p).map(Vec::as_slice)
+    }
     pub fn cluster_config(&self) -> Option<&[u8]> {
         self.cluster_config.as_deref()
     }
