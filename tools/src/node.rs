@@ -271,6 +271,7 @@ async fn node(
     let service = Rc::new(crate::service::Service {
         cluster_id: cluster.cluster_id,
         node_id: id.node_id,
+        shard_count: cluster.shard_count,
         replicas: replicas.clone(),
         card: RefCell::new(card.session().map_err(|e| e.to_string())?),
         mac: session.clone(),

@@ -64,6 +64,8 @@ pub fn admin_secret(mac: &CoreSession, client_id: &[u8; 16]) -> Result<[u8; 32],
 pub struct Service {
     pub cluster_id: [u8; 16],
     pub node_id: u64,
+    /// Fixed at `cluster init`.
+    pub shard_count: u32,
     pub replicas: Rc<RefCell<Vec<Rc<Replica>>>>,
     /// Key operations' card session (partitions, handle cache, IVs).
     pub card: RefCell<CoreSession>,
@@ -137,22 +139,10 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 impl Service {
     /// The cluster's shard count once every shard's replica is open here, `None` before: the
-    /// client listener starts before the replicas, which open one by one, and a partition
-    /// must not be looked up in the wrong shard meanwhile (its count is the one of shard 0's
-    /// cluster config; the replicas opened so far where that config is not in the state).
+    /// client listener starts before the replicas, which open one by one, and a partition must
+    /// not be looked up in the wrong shard meanwhile.
     fn shard_count(&self) -> Option<u32> {
-        let replicas = self.replicas.borrow();
-        let open = replicas.len() as u32;
-        let configured = replicas.first()?.with_core(|c| {
-            c.state_machine()
-                .cluster_config()
-                .and_then(|b| keyfort_engine::cluster::ClusterConfig::decode(b).ok())
-                .map(|cfg| cfg.shard_count)
-        });
-        match configured {
-            Some(n) if n != open => None,
-            _ => Some(open),
-        }
+        (self.replicas.borrow().len() as u32 >= self.shard_count).then_some(self.shard_count)
     }
 
     fn replica_of(&self, p: &PartitionId) -> Result<Rc<Replica>, ErrorReply> {
@@ -271,6 +261,9 @@ impl Service {
                     .map(|r| r.with_core(|c| c.leader_id().unwrap_or(0)))
                     .collect(),
             }),
+            (Scope::Admin, Request::ClusterStatus) if self.shard_count().is_none() => {
+                Err(err(ErrorCode::Retry, "the node is still starting"))
+            }
             (Scope::Admin, Request::ClusterStatus) => Ok(self.status()),
             (Scope::Admin, Request::PartitionCreate { partition }) => {
                 self.partition_create(PartitionId(partition)).await
