@@ -5,6 +5,7 @@
 pub mod appenders;
 pub mod bulk;
 pub mod disk;
+pub mod loadgen;
 pub mod local_cluster;
 
 use hdrhistogram::Histogram;

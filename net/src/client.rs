@@ -342,6 +342,9 @@ struct SlotState {
     /// The answer came and was handed out.
     done: bool,
     waker: Option<Waker>,
+    /// When the reader thread (or a close) completed the slot: the answer's arrival, for
+    /// latency measured independently of when a waiter gets to it.
+    completed_at: Option<Instant>,
 }
 
 impl Slot {
@@ -352,6 +355,7 @@ impl Slot {
                 return;
             }
             st.answer = Some(answer);
+            st.completed_at = Some(Instant::now());
             st.waker.take()
         };
         self.ready.notify_all();
@@ -716,22 +720,29 @@ impl Pending {
     /// Blocks until the answer comes, the connection closes, or `timeout` passes
     /// ([`ClientError::Timeout`]).
     pub fn wait(self, timeout: Duration) -> Result<Response, ClientError> {
+        self.wait_timed(timeout).0
+    }
+
+    /// [`Pending::wait`], with the instant the answer arrived (the reader thread completed
+    /// the request, or the connection closed): `None` on a timeout. Load generators measure
+    /// latency to it, not to when the waiter got around to the answer.
+    pub fn wait_timed(self, timeout: Duration) -> (Result<Response, ClientError>, Option<Instant>) {
         let deadline = Instant::now().checked_add(timeout);
         let mut st = lock(&self.slot.state);
         loop {
             if let Some(a) = st.answer.take() {
                 st.done = true;
-                return a;
+                return (a, st.completed_at);
             }
             if st.done {
-                return Err(ClientError::Closed);
+                return (Err(ClientError::Closed), st.completed_at);
             }
             let left = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => Duration::from_secs(3600),
             };
             if left.is_zero() {
-                return Err(ClientError::Timeout(timeout));
+                return (Err(ClientError::Timeout(timeout)), None);
             }
             st = self
                 .slot
