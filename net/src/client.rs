@@ -38,8 +38,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// First pause of the [`Client`] before retrying a request; it doubles after each retry.
 pub const RETRY_BACKOFF_START: Duration = Duration::from_millis(20);
-/// Longest pause of the [`Client`] between two tries of a request.
-pub const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Longest pause of the [`Client`] between two tries of a request: short, because the common
+/// retryable error is a shard electing a new leader, and every pause past the election adds to
+/// the write gap a client sees (the failover goal is 500 ms).
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(100);
 /// After a node failed to connect, the [`Client`] does not try it again for this long while
 /// other nodes are available (a dead node would otherwise cost a connect timeout per request).
 pub const RECONNECT_HOLDOFF: Duration = Duration::from_millis(100);
