@@ -531,7 +531,13 @@ pub fn up(nodes: u64, shards: u32, dir: &Path) -> crate::CmdResult {
     }
     let t = Instant::now();
     let mut c = keyfort_bench::local_cluster::LocalCluster::create(
-        dir, &keyfort, &keyfortd, nodes, shards, 0, 100,
+        dir,
+        &keyfort,
+        &keyfortd,
+        nodes,
+        shards,
+        0,
+        crate::node::DEFAULT_TICK_MS,
     )?;
     c.start_all()?;
     let ready = c.wait_for(UP_LEADER_WAIT, |c| {

@@ -26,7 +26,7 @@ const SHARDS: u32 = 2;
 const WRITERS: usize = 4;
 /// Keys made before the failover.
 const FIRST_KEYS: usize = 200;
-const TICK_MS: u64 = 100;
+const TICK_MS: u64 = crate::node::DEFAULT_TICK_MS;
 /// Longest any drill step may take before the drill fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -54,7 +54,7 @@ pub struct NodeConfig {
     #[serde(default)]
     pub durable_store: Option<String>,
     pub card: CardConfig,
-    /// Raft tick in milliseconds (elections after 10–20 ticks).
+    /// Raft tick in milliseconds (elections after 10–20 ticks; default [`DEFAULT_TICK_MS`]).
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
     /// Peers to join through when the data dir holds no identity (a new node, or one whose
@@ -126,8 +126,14 @@ pub struct CardConfig {
     pub pin_file: PathBuf,
 }
 
+/// The default raft tick: 25 ms, so elections start after 250–500 ms without a leader (10–20
+/// ticks) and a client's write gap at a leader's death stays near the 500 ms goal (measured
+/// with `cluster_bench`: docs/benchmarks.md). Heartbeats every 50 ms cost nothing measurable;
+/// check-quorum and pre-vote keep a slow but live leader from being deposed by one follower.
+pub const DEFAULT_TICK_MS: u64 = 25;
+
 fn default_tick_ms() -> u64 {
-    100
+    DEFAULT_TICK_MS
 }
 
 /// Fetches snapshot files from peers over the transport's snapshot stream.
