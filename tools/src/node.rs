@@ -616,7 +616,41 @@ fn write_status(
         "shards": shards,
         "synthetic_commit_latency": keyfort_bench::LatencySummary::of(latency),
     });
-    let tmp = dir.join("status.json.tmp");
-    std::fs::write(&tmp, v.to_string()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join("status.json")).map_err(|e| format!("status.json: {e}"))
+    status_writer().publish(dir, v.to_string());
+    Ok(())
+}
+
+/// Writes `status.json` files off the executor: a file write and a rename can wait on the
+/// file system's journal for milliseconds, which the executor's raft and client work must not.
+/// Only the newest status waiting is kept; a failed write is logged.
+struct StatusWriter {
+    tx: std::sync::mpsc::SyncSender<(PathBuf, String)>,
+}
+
+impl StatusWriter {
+    fn publish(&self, dir: &Path, text: String) {
+        // Full: the writer is behind; this status is dropped, the next one goes.
+        let _ = self.tx.try_send((dir.to_path_buf(), text));
+    }
+}
+
+fn status_writer() -> &'static StatusWriter {
+    static W: std::sync::OnceLock<StatusWriter> = std::sync::OnceLock::new();
+    W.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(PathBuf, String)>(1);
+        std::thread::Builder::new()
+            .name("status-writer".into())
+            .spawn(move || {
+                for (dir, text) in rx {
+                    let tmp = dir.join("status.json.tmp");
+                    if let Err(e) = std::fs::write(&tmp, text)
+                        .and_then(|_| std::fs::rename(&tmp, dir.join("status.json")))
+                    {
+                        tracing::error!(file = %tmp.display(), error = %e, "status.json not written");
+                    }
+                }
+            })
+            .expect("spawn the status writer");
+        StatusWriter { tx }
+    })
 }
