@@ -83,7 +83,23 @@ async fn leader(rs: &[Rc<Replica>]) -> Rc<Replica> {
         }
         glommio::timer::sleep(TICK).await;
     }
-    panic!("no leader elected");
+    let why: Vec<_> = rs
+        .iter()
+        .map(|r| {
+            (
+                r.failed(),
+                r.with_core(|c| {
+                    (
+                        c.term(),
+                        c.commit_index(),
+                        c.applied(),
+                        format!("{:?}", c.role()),
+                    )
+                }),
+            )
+        })
+        .collect();
+    panic!("no leader elected: {why:?}");
 }
 
 fn create(i: u32) -> Op {

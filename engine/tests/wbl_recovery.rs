@@ -312,3 +312,42 @@ fn padding_of_one_to_three_bytes_before_a_block_boundary_is_skipped() {
         });
     }
 }
+
+/// A commit noted without waiting (`note_commit`) is persisted lazily: by the writer on its own
+/// once `COMMIT_PERSIST_INTERVAL` has passed, and at the latest when the log closes; never past
+/// the durable log.
+#[test]
+fn a_noted_commit_is_persisted_lazily_and_on_close() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = log_dir(root.path());
+    run(root.path(), || async {
+        let (wbl, _) = Wbl::open(&dir, opts()).await.unwrap();
+        append_batch(&wbl, 1, 20, 100).await;
+        wbl.set_hard_state(HardState {
+            term: 3,
+            vote: 2,
+            commit: 5,
+        })
+        .unwrap()
+        .await
+        .unwrap();
+        wbl.note_commit(12);
+        assert_eq!(wbl.hard_state().commit, 12, "visible at once");
+        // Idle: the writer persists it by itself after the interval.
+        glommio::timer::sleep(keyfort_engine::wbl::COMMIT_PERSIST_INTERVAL * 3).await;
+        wbl.note_commit(17);
+        wbl.close().await.unwrap();
+    });
+    run(root.path(), || async {
+        let (wbl, _) = Wbl::open(&dir, opts()).await.unwrap();
+        let hs = wbl.hard_state();
+        assert_eq!((hs.term, hs.vote, hs.commit), (3, 2, 17));
+        // A noted commit past the durable log is clamped to it when written.
+        wbl.note_commit(1000);
+        wbl.close().await.unwrap();
+    });
+    run(root.path(), || async {
+        let (wbl, _) = Wbl::open(&dir, opts()).await.unwrap();
+        assert_eq!(wbl.hard_state().commit, 20);
+    });
+}

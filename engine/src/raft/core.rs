@@ -433,10 +433,11 @@ impl<S: LogStore> ShardCore<S> {
         let mut out = rd.take_messages();
         let entries = rd.take_entries();
         let hs = rd.hs().cloned();
-        let staged = !entries.is_empty() || hs.is_some();
-        if staged {
-            self.node.mut_store().stage(&entries, hs.as_ref(), number)?;
-        }
+        let staged = if !entries.is_empty() || hs.is_some() {
+            self.node.mut_store().stage(&entries, hs.as_ref(), number)?
+        } else {
+            false
+        };
         for rs in rd.take_read_states() {
             self.events.push(Event::ReadIndex {
                 ctx: rs.request_ctx,

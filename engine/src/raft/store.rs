@@ -22,13 +22,15 @@ pub trait LogStore: raft::Storage {
     /// Makes `entries` (replacing any conflicting suffix from the first one's index on) and `hs`
     /// visible to the `Storage` methods at once, and starts making them durable. The caller
     /// learns when everything staged under `number` (a raft Ready number) is durable from the
-    /// store itself and then calls `ShardCore::on_persisted(number)`.
+    /// store itself and then calls `ShardCore::on_persisted(number)`. Returns whether anything
+    /// was staged that the caller must wait for: `false` (nothing to wait for, e.g. only a
+    /// commit advance, which a store may persist lazily) lets raft go on at once.
     fn stage(
         &mut self,
         entries: &[Entry],
         hs: Option<&HardState>,
         number: u64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     /// The membership after the conf change at `index` was applied (kept for snapshots and
     /// `initial_state`).
     fn set_conf_state(&mut self, index: u64, cs: ConfState);
@@ -203,7 +205,7 @@ impl LogStore for MemLog {
         entries: &[Entry],
         hs: Option<&HardState>,
         number: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         if !entries.is_empty() {
             self.visible.append(entries)?;
             self.staged
@@ -213,7 +215,7 @@ impl LogStore for MemLog {
             self.visible.hs = hs.clone();
             self.staged.push_back((number, MemOp::Hard(hs.clone())));
         }
-        Ok(())
+        Ok(!entries.is_empty() || hs.is_some())
     }
 
     fn set_conf_state(&mut self, _index: u64, _cs: ConfState) {

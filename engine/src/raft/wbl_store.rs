@@ -58,8 +58,11 @@ impl WblStore {
     /// snapshot under the state, or (0, 0) for a log that starts at 1. Reads the uncommitted
     /// tail into the cache: raft may need it synchronously.
     pub async fn open(wbl: Wbl, base: (u64, u64), cs: ConfState) -> Result<WblStore, StoreError> {
-        let hs = to_raft(wbl.hard_state());
-        let applied = hs.commit.max(base.0);
+        let mut hs = to_raft(wbl.hard_state());
+        // A snapshot holds committed state only: its LSN is committed even when the persisted
+        // commit (written lazily, `Wbl::note_commit`) lags behind it.
+        hs.commit = hs.commit.max(base.0);
+        let applied = hs.commit;
         let mut s = WblStore {
             hs,
             cs,
@@ -274,8 +277,9 @@ impl LogStore for WblStore {
         entries: &[Entry],
         hs: Option<&HardState>,
         number: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut last = None;
+        let mut hard = None;
         if let Some(first) = entries.first() {
             let cache_first = self.cache_first();
             if first.index < cache_first {
@@ -296,18 +300,31 @@ impl LogStore for WblStore {
             self.fetched.retain(|&i, _| i < first.index);
         }
         if let Some(hs) = hs {
+            // Term and vote must be durable before raft acts on them (a vote, an append
+            // response); a commit advance alone need not be (raft relearns it from its
+            // leader), so it is noted and persisted lazily (`Wbl::note_commit`): not a second
+            // durable write behind every batch.
+            let promise = hs.term != self.hs.term || hs.vote != self.hs.vote;
             self.hs = hs.clone();
-            last = Some(self.wbl.set_hard_state(WblHardState {
-                term: hs.term,
-                vote: hs.vote,
-                commit: hs.commit,
-            })?);
+            if promise {
+                hard = Some(self.wbl.set_hard_state(WblHardState {
+                    term: hs.term,
+                    vote: hs.vote,
+                    commit: hs.commit,
+                })?);
+            } else {
+                self.wbl.note_commit(hs.commit);
+            }
         }
-        if let Some(d) = last {
+        // Both are waited for: a hard state can be written in a writer cycle before the last
+        // of this Ready's entries (a batch holds at most MAX_BATCH_RECORDS).
+        let mut wait = false;
+        for d in [last, hard].into_iter().flatten() {
             self.pending.push_back((number, d));
+            wait = true;
         }
         self.evict();
-        Ok(())
+        Ok(wait)
     }
 
     fn set_conf_state(&mut self, _index: u64, cs: ConfState) {

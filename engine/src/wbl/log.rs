@@ -83,6 +83,11 @@ struct State {
     /// Last hard state set, persisted or not: bounds truncation and answers `hard_state()`.
     hard_latest: HardState,
     hard_next: Option<HardState>,
+    /// A commit noted (`note_commit`) and not yet persisted; written lazily (see
+    /// [`COMMIT_PERSIST_INTERVAL`]).
+    commit_dirty: bool,
+    /// When the hard state was last written.
+    hard_written_at: std::time::Instant,
     hard_slot_seq: u64,
     hard_req: u64,
     hard_done: u64,
@@ -378,6 +383,8 @@ impl Wbl {
             hard: hard_state_or_default(rec),
             hard_latest: hard_state_or_default(rec),
             hard_next: None,
+            commit_dirty: false,
+            hard_written_at: std::time::Instant::now(),
             hard_slot_seq: rec.hard.map_or(0, |h| h.seq),
             hard_req: 0,
             hard_done: 0,
@@ -527,6 +534,21 @@ impl Wbl {
             return Err(WblError::TruncateCommitted { lsn, commit });
         }
         Ok(())
+    }
+
+    /// Notes a new commit index without waiting for it to be durable: it is written with the
+    /// next hard state, or on its own once [`COMMIT_PERSIST_INTERVAL`] has passed since the
+    /// last hard-state write, or when the log closes. A commit is knowledge raft can always
+    /// relearn from its leader (raft needs term and vote durable, not commit); persisting every
+    /// advance would put a second durable write, on the same writer, behind every batch. The
+    /// persisted commit may therefore lag the commit raft knows by up to that interval; local
+    /// recovery replays only up to the persisted one and raft delivers the rest.
+    pub fn note_commit(&self, commit: u64) {
+        let mut st = self.inner.st.borrow_mut();
+        if st.hard_latest.commit != commit {
+            st.hard_latest.commit = commit;
+            st.commit_dirty = true;
+        }
     }
 
     /// Persists `hs` after the log batch of the same writer cycle. The commit written is
@@ -954,8 +976,38 @@ struct Cycle {
     hard: Option<(HardState, u64)>,
 }
 
+/// Longest a noted commit (`Wbl::note_commit`) waits before the writer persists it on its own.
+pub const COMMIT_PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 async fn writer_loop(inner: Rc<Inner>) {
-    while let Some(cycle) = next_cycle(&inner).await {
+    loop {
+        // Wakes at least every COMMIT_PERSIST_INTERVAL so a lazily noted commit gets written
+        // when the log is otherwise idle.
+        let cycle = futures_lite::future::or(next_cycle(&inner), async {
+            glommio::timer::sleep(COMMIT_PERSIST_INTERVAL).await;
+            Some(Cycle {
+                recs: Vec::new(),
+                hard: None,
+            })
+        })
+        .await;
+        let Some(mut cycle) = cycle else { break };
+        {
+            let mut st = inner.st.borrow_mut();
+            let due = st.commit_dirty
+                && (st.closing || st.hard_written_at.elapsed() >= COMMIT_PERSIST_INTERVAL);
+            if cycle.hard.is_none() && due {
+                // hard_latest holds any hard state set meanwhile too: this write serves it.
+                st.hard_next = None;
+                cycle.hard = Some((st.hard_latest, st.hard_req));
+            }
+            if cycle.hard.is_some() {
+                st.commit_dirty = false;
+            }
+        }
+        if cycle.recs.is_empty() && cycle.hard.is_none() {
+            continue;
+        }
         if let Err(e) = run_cycle(&inner, cycle).await {
             tracing::error!(error = %e, "wbl writer failed; the log accepts no more appends");
             let mut st = inner.st.borrow_mut();
@@ -973,6 +1025,13 @@ fn next_cycle(inner: &Inner) -> impl Future<Output = Option<Cycle>> + '_ {
             return Poll::Ready(Some(take_cycle(&mut st, inner.batch_bytes_max)));
         }
         if st.closing {
+            // The last noted commit goes before the writer stops.
+            if st.commit_dirty {
+                return Poll::Ready(Some(Cycle {
+                    recs: Vec::new(),
+                    hard: None,
+                }));
+            }
             return Poll::Ready(None);
         }
         st.writer_waker = Some(cx.waker().clone());
@@ -991,7 +1050,12 @@ fn take_cycle(st: &mut State, bytes_max: usize) -> Cycle {
         bytes += n;
         recs.push(st.queue.pop_front().expect("front exists"));
     }
-    let hard = st.hard_next.take().map(|h| (h, st.hard_req));
+    // The newest term, vote and commit: a commit noted after the hard state was set rides along.
+    let hard = st.hard_next.take().map(|h| {
+        let mut h = h;
+        h.commit = st.hard_latest.commit;
+        (h, st.hard_req)
+    });
     Cycle { recs, hard }
 }
 
@@ -1237,5 +1301,6 @@ async fn write_hard(inner: &Rc<Inner>, hs: HardState) -> Result<(), WblError> {
     let mut st = inner.st.borrow_mut();
     st.hard_slot_seq = slot.seq;
     st.hard = slot.state;
+    st.hard_written_at = std::time::Instant::now();
     Ok(())
 }

@@ -11,7 +11,7 @@ mod scan;
 pub mod segment;
 
 pub use hardstate::HardState;
-pub use log::{Durable, Wbl, WblReader};
+pub use log::{Durable, Wbl, WblReader, COMMIT_PERSIST_INTERVAL};
 pub use record::{DecodeError, Record, RecordKind, RecordRef};
 pub use scan::verify_dir;
 pub use segment::PrepMethod;
