@@ -1038,6 +1038,17 @@ impl Client {
             .and_then(|s| lock(&self.inner.leaders).get(s as usize).copied())
             .filter(|l| *l != 0);
         let mut last_err = None;
+        // A node that refuses us for good (its handshake answered a non-retryable error, e.g.
+        // a partition it has not applied yet is `Unauthenticated`) is skipped: the others may
+        // take us. Its error is returned only when no node does.
+        let mut refused: Option<ClientError> = None;
+        let mut note = |e: ClientError, last_err: &mut Option<ClientError>| {
+            if e.is_retryable() {
+                *last_err = Some(e);
+            } else if refused.is_none() {
+                refused = Some(e);
+            }
+        };
         if let Some(leader) = leader {
             // The leader's node if its address is known; else connect to the nodes not yet
             // known, one by one, until it shows up.
@@ -1045,8 +1056,7 @@ impl Client {
             match known {
                 Some(i) => match self.conn(i) {
                     Ok(c) => return Ok((i, c)),
-                    Err(e) if !e.is_retryable() => return Err(e),
-                    Err(e) => last_err = Some(e),
+                    Err(e) => note(e, &mut last_err),
                 },
                 None => {
                     for i in 0..n {
@@ -1056,8 +1066,7 @@ impl Client {
                         match self.conn(i) {
                             Ok(c) if c.node_id() == leader => return Ok((i, c)),
                             Ok(_) => {}
-                            Err(e) if !e.is_retryable() => return Err(e),
-                            Err(e) => last_err = Some(e),
+                            Err(e) => note(e, &mut last_err),
                         }
                     }
                 }
@@ -1077,11 +1086,10 @@ impl Client {
             }
             match self.conn(i) {
                 Ok(c) => return Ok((i, c)),
-                Err(e) if !e.is_retryable() => return Err(e),
-                Err(e) => last_err = Some(e),
+                Err(e) => note(e, &mut last_err),
             }
         }
-        Err(last_err.unwrap_or(ClientError::NoNodes))
+        Err(refused.or(last_err).unwrap_or(ClientError::NoNodes))
     }
 
     /// Asks a live node for the leaders (best effort, bounded by [`ROUTE_REFRESH_TIMEOUT`]).

@@ -576,3 +576,48 @@ fn credential_file_is_private() {
     ));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A node whose handshake refuses every client with `Unauthenticated` (a node that has not
+/// applied the partition yet looks like this).
+fn refusing_node() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let mut have = 0;
+                loop {
+                    match frame::decode(&buf[..have]) {
+                        Ok(Some((f, _))) => {
+                            let e = ErrorReply::new(ErrorCode::Unauthenticated, "not here");
+                            let _ = send(&mut s, answer_header(f.header, true), &e.encode());
+                            return;
+                        }
+                        Ok(None) => {}
+                        Err(_) => return,
+                    }
+                    match s.read(&mut buf[have..]) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => have += n,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_node_refusing_the_handshake_is_skipped_for_the_others() {
+    let fake = Fake::start(2, vec![2], Arc::new(|_, _, r| Reply::Answer(echo(r))));
+    let refuser = refusing_node();
+    let c = Client::connect(vec![refuser, fake.addr], cred(), opts()).unwrap();
+    for _ in 0..3 {
+        c.encrypt([1; 16], b"", b"hi").unwrap();
+    }
+    // Refused everywhere: the refusal is the answer.
+    let e = Client::connect(vec![refuser, refusing_node()], cred(), opts()).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unauthenticated), "{e:?}");
+}

@@ -281,6 +281,7 @@ async fn node(
         replicas: replicas.clone(),
         card: RefCell::new(card.session().map_err(|e| e.to_string())?),
         mac: session.clone(),
+        loaded: RefCell::default(),
         stopping: Cell::new(false),
     });
     let client_bound = match cfg.client_listen {

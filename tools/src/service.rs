@@ -71,6 +71,8 @@ pub struct Service {
     pub card: RefCell<CoreSession>,
     /// The session holding the cluster integrity key (admin credentials).
     pub mac: Rc<CoreSession>,
+    /// Fingerprint (xxh3-64) of the config each partition loaded in `card` was imported from.
+    pub loaded: RefCell<std::collections::HashMap<PartitionId, u64>>,
     pub stopping: Cell<bool>,
 }
 
@@ -170,12 +172,24 @@ impl Service {
     /// Loads the partition into the service's card session from the state (once); refuses a
     /// partition the state no longer has (and forgets it in the card).
     fn ensure_partition(&self, r: &Replica, p: &PartitionId) -> Result<(), ErrorReply> {
-        if !Self::has_partition(r, p) {
+        // The fingerprint of the config the state holds now: a partition deleted and created
+        // again under the same id (on another node) has other keys, and the card must not go
+        // on using the old ones.
+        let fp = r.with_core(|c| {
+            c.state_machine()
+                .partition(p)
+                .map(xxhash_rust::xxh3::xxh3_64)
+        });
+        let Some(fp) = fp else {
             self.card.borrow_mut().drop_partition(p);
+            self.loaded.borrow_mut().remove(p);
             return Err(err(ErrorCode::NoSuchPartition, format!("no partition {p}")));
-        }
+        };
         if self.card.borrow().partition_loaded(p) {
-            return Ok(());
+            if self.loaded.borrow().get(p) == Some(&fp) {
+                return Ok(());
+            }
+            self.card.borrow_mut().drop_partition(p);
         }
         let cfg = r.with_core(|c| c.state_machine().partition(p).map(<[u8]>::to_vec));
         let cfg =
@@ -184,6 +198,7 @@ impl Service {
             .borrow_mut()
             .import_partition(&cfg)
             .map_err(card_err)?;
+        self.loaded.borrow_mut().insert(*p, fp);
         Ok(())
     }
 

@@ -1563,3 +1563,75 @@ fn sigterm_stops_a_node_cleanly() {
     );
     c.kill_all();
 }
+
+/// A partition deleted and created again under the same id — through another node, whose card
+/// makes new partition keys — is served with its new keys on every node, including those whose
+/// card still held the old ones; the old partition's credential no longer authenticates.
+#[test]
+fn a_partition_created_again_under_its_id_is_served_with_its_new_keys_everywhere() {
+    let _serial = serial();
+    let root = tempfile::tempdir().unwrap();
+    let (c, admin) = up(root.path());
+    let (p, old_cred) = partition_on(&admin, 0);
+    let nodes = c.nodes.len();
+    let encrypt_on = |client: &Client, i: usize, key: [u8; 16]| {
+        client.call_on(
+            i,
+            &Request::Encrypt {
+                key_id: key,
+                aad: Vec::new(),
+                plaintext: b"again".to_vec(),
+            },
+        )
+    };
+    // Every node loads the first partition's keys into its card.
+    let client = connect(&c, &old_cred);
+    let k = client.create_key(b"", false).unwrap().key_id;
+    for i in 0..nodes {
+        assert!(
+            matches!(encrypt_on(&client, i, k), Ok(Response::Encrypted { .. })),
+            "node {i}"
+        );
+    }
+    client.delete_key(k).unwrap();
+    admin.delete_partition(p).unwrap();
+    let leader = c.leader(shard_of(&PartitionId(p), SHARDS)).unwrap_or(0);
+    let other = (leader + 1) % nodes;
+    let (client_id, secret) = match admin.call_on(other, &Request::PartitionCreate { partition: p })
+    {
+        Ok(Response::PartitionCreated {
+            client_id,
+            credential,
+            ..
+        }) => (client_id, credential),
+        other => panic!("partition created again: {other:?}"),
+    };
+    let cred = Credential {
+        scope: Scope::Partition(p),
+        client_id,
+        secret,
+    };
+    let client = connect(&c, &cred);
+    let k = client.create_key(b"", false).unwrap().key_id;
+    for i in 0..nodes {
+        match encrypt_on(&client, i, k) {
+            Ok(Response::Encrypted { envelope, .. }) => {
+                let r = client.call_on(
+                    i,
+                    &Request::Decrypt {
+                        key_id: k,
+                        aad: Vec::new(),
+                        envelope,
+                    },
+                );
+                assert!(
+                    matches!(&r, Ok(Response::Decrypted { plaintext }) if plaintext == b"again"),
+                    "node {i}: {r:?}"
+                );
+            }
+            other => panic!("node {i} (kept in {}): {other:?}", keep(root.path())),
+        }
+    }
+    let e = Client::connect(c.client_addrs(), old_cred, opts()).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unauthenticated), "{e:?}");
+}
