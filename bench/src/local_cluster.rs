@@ -75,6 +75,18 @@ pub fn binaries_beside_exe() -> Result<(PathBuf, PathBuf), String> {
     Ok((keyfort, keyfortd))
 }
 
+/// Copies a failed test's cluster dir `root` (data dirs, node logs) to a fresh directory
+/// under the temp dir, where it survives the test, and returns that path for the message.
+pub fn keep_failed(root: &Path) -> String {
+    let to = std::env::temp_dir().join(format!(
+        "keyfort-failed-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let _ = Command::new("cp").arg("-a").arg(root).arg(&to).status();
+    to.display().to_string()
+}
+
 /// Lowest port [`free_ports`] hands out.
 pub const LISTEN_PORT_MIN: u16 = 10_000;
 /// Ports tried per port wanted before [`free_ports`] gives up.

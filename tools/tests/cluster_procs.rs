@@ -14,17 +14,7 @@ const COMPACTION_RECORDS: u64 = 300;
 /// Generous: two cores run three nodes, their cards and the test.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Copies a failed test's cluster dir (data dirs, node logs) where it survives the test, and
-/// says where.
-fn keep(root: &std::path::Path) -> String {
-    let to = std::env::temp_dir().join(format!("keyfort-failed-{}", std::process::id()));
-    let _ = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(root)
-        .arg(&to)
-        .status();
-    to.display().to_string()
-}
+use keyfort_bench::local_cluster::keep_failed as keep;
 
 /// 3 `keyfortd` nodes with 50 ms ticks, `in_flight` synthetic proposals per shard leader.
 fn local(root: &std::path::Path, shards: u32, in_flight: usize) -> LocalCluster {

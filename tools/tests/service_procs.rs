@@ -59,21 +59,7 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Copies a failed test's cluster dir (data dirs, node logs) where it survives the test, and
-/// says where.
-fn keep(root: &Path) -> String {
-    let to = std::env::temp_dir().join(format!(
-        "keyfort-failed-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let _ = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(root)
-        .arg(&to)
-        .status();
-    to.display().to_string()
-}
+use keyfort_bench::local_cluster::keep_failed as keep;
 
 /// 3 `keyfortd` nodes with 50 ms ticks, [`SHARDS`] shards, no synthetic load.
 fn local(root: &Path) -> LocalCluster {
@@ -916,17 +902,7 @@ impl Raw {
     }
 
     fn send(&mut self, opcode: u16, request_id: u64, payload: &[u8]) {
-        let mut b = Vec::new();
-        frame::encode(
-            FrameHeader {
-                flags: 0,
-                opcode,
-                request_id,
-            },
-            payload,
-            &mut b,
-        )
-        .unwrap();
+        let b = frame_bytes(0, opcode, request_id, payload);
         self.s.write_all(&b).unwrap();
     }
 
@@ -1258,35 +1234,15 @@ fn bad_clients_get_typed_errors_and_do_not_disturb_others() {
         .unwrap();
     r.closes(ErrorCode::BadRequest, PROGRESS_TIMEOUT);
     let mut r = Raw::authenticated(node, &cred_a);
-    let mut b = Vec::new();
     let describe = Request::KeyDescribe { key_id: kb }.encode();
-    frame::encode(
-        FrameHeader {
-            flags: 0,
-            opcode: op::KEY_DESCRIBE,
-            request_id: 3,
-        },
-        &describe,
-        &mut b,
-    )
-    .unwrap();
+    let mut b = frame_bytes(0, op::KEY_DESCRIBE, 3, &describe);
     let last = b.len() - 1;
     b[last] ^= 0xff; // the payload no longer matches its crc
     r.s.write_all(&b).unwrap();
     r.closes(ErrorCode::BadRequest, PROGRESS_TIMEOUT);
     // A header whose crc does not match.
     let mut r = Raw::authenticated(node, &cred_a);
-    let mut b = Vec::new();
-    frame::encode(
-        FrameHeader {
-            flags: 0,
-            opcode: op::KEY_DESCRIBE,
-            request_id: 3,
-        },
-        &describe,
-        &mut b,
-    )
-    .unwrap();
+    let mut b = frame_bytes(0, op::KEY_DESCRIBE, 3, &describe);
     b[10] ^= 1;
     r.s.write_all(&b).unwrap();
     r.closes(ErrorCode::BadRequest, PROGRESS_TIMEOUT);
@@ -1294,19 +1250,9 @@ fn bad_clients_get_typed_errors_and_do_not_disturb_others() {
     // A frame announcing more than the client frame limit: TooLarge naming its request id,
     // from the header alone, then the connection closes.
     let mut r = Raw::authenticated(node, &cred_a);
-    let mut b = Vec::new();
-    frame::encode(
-        FrameHeader {
-            flags: 0,
-            opcode: op::ENCRYPT,
-            request_id: 42,
-        },
-        &[],
-        &mut b,
-    )
-    .unwrap();
+    let mut b = frame_bytes(0, op::ENCRYPT, 42, &[]);
     b[16..20].copy_from_slice(&(CLIENT_MAX_FRAME_PAYLOAD as u32 + 1).to_le_bytes());
-    let crc = crc32c_of(&b[0..20]);
+    let crc = crc32c::crc32c(&b[0..20]);
     b[20..24].copy_from_slice(&crc.to_le_bytes());
     r.s.write_all(&b[..FRAME_HEADER_BYTES]).unwrap();
     let (h, e) = r.error();
@@ -1354,17 +1300,7 @@ fn bad_clients_get_typed_errors_and_do_not_disturb_others() {
     r.send(0x00ee, 4, b"");
     let (h, e) = r.error();
     assert_eq!((e.code, h.request_id), (ErrorCode::UnknownOpcode, 4), "{e}");
-    let mut b = Vec::new();
-    frame::encode(
-        FrameHeader {
-            flags: flags::RESPONSE,
-            opcode: op::ROUTE,
-            request_id: 5,
-        },
-        &[],
-        &mut b,
-    )
-    .unwrap();
+    let b = frame_bytes(flags::RESPONSE, op::ROUTE, 5, &[]);
     r.s.write_all(&b).unwrap();
     let (h, e) = r.error();
     assert_eq!((e.code, h.request_id), (ErrorCode::BadRequest, 5), "{e}");
@@ -1484,20 +1420,21 @@ fn good_key(client: &Client) -> [u8; 16] {
     }
 }
 
-/// crc32c (Castagnoli), bitwise: the frame header checksum.
-fn crc32c_of(b: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &x in b {
-        crc ^= x as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+/// The bytes of one frame (`frame::encode`), for tests that send them as they are or damage
+/// them first.
+fn frame_bytes(flags: u8, opcode: u16, request_id: u64, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    frame::encode(
+        FrameHeader {
+            flags,
+            opcode,
+            request_id,
+        },
+        payload,
+        &mut b,
+    )
+    .unwrap();
+    b
 }
 
 #[test]
