@@ -175,6 +175,24 @@ pub enum KeyStateCode {
     Disabled = 2,
 }
 
+impl From<KeyStateCode> for keyfort_engine::state::KeyState {
+    fn from(s: KeyStateCode) -> Self {
+        match s {
+            KeyStateCode::Enabled => keyfort_engine::state::KeyState::Enabled,
+            KeyStateCode::Disabled => keyfort_engine::state::KeyState::Disabled,
+        }
+    }
+}
+
+impl From<keyfort_engine::state::KeyState> for KeyStateCode {
+    fn from(s: keyfort_engine::state::KeyState) -> Self {
+        match s {
+            keyfort_engine::state::KeyState::Enabled => KeyStateCode::Enabled,
+            keyfort_engine::state::KeyState::Disabled => KeyStateCode::Disabled,
+        }
+    }
+}
+
 impl KeyStateCode {
     fn from_u8(v: u8) -> Result<KeyStateCode, ProtoError> {
         match v {
@@ -559,6 +577,13 @@ fn bytes32<'a>(r: &mut Reader<'a>, what: &'static str, max: usize) -> Result<&'a
     let n = r.u32()? as usize;
     checked_len(what, n, max)?;
     Ok(r.bytes(n)?)
+}
+
+/// A u16 count of at most `max` items (checked before anything is allocated for them).
+fn count16(r: &mut Reader<'_>, what: &'static str, max: u16) -> Result<u16, ProtoError> {
+    let n = r.u16()?;
+    checked_len(what, n as usize, max as usize)?;
+    Ok(n)
 }
 
 fn id(r: &mut Reader<'_>) -> Result<[u8; 16], ProtoError> {
@@ -1046,14 +1071,7 @@ impl Response {
             op::KEY_DESCRIBE => whole(payload, "described", |r| {
                 let key_id = id(r)?;
                 let truncated = bool_(r, "described")?;
-                let n = r.u16()?;
-                if n > MAX_DESCRIBE_VERSIONS {
-                    return Err(ProtoError::TooLong {
-                        what: "versions",
-                        len: n as usize,
-                        max: MAX_DESCRIBE_VERSIONS as usize,
-                    });
-                }
+                let n = count16(r, "versions", MAX_DESCRIBE_VERSIONS)?;
                 let mut versions = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     versions.push(VersionInfo {
@@ -1071,14 +1089,7 @@ impl Response {
             }),
             op::KEY_LIST => whole(payload, "listed", |r| {
                 let more = bool_(r, "listed")?;
-                let n = r.u16()?;
-                if n > MAX_LIST_KEYS {
-                    return Err(ProtoError::TooLong {
-                        what: "keys",
-                        len: n as usize,
-                        max: MAX_LIST_KEYS as usize,
-                    });
-                }
+                let n = count16(r, "keys", MAX_LIST_KEYS)?;
                 let mut keys = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     keys.push((id(r)?, r.u32()?));

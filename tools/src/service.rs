@@ -19,8 +19,8 @@ use keyfort_hsm::{
     CardError, CoreSession, KeyHeader, KeyId, MaskedBlob, PartitionId, WrappedUnder,
 };
 use keyfort_net::client_proto::{
-    create_flags, ErrorCode, ErrorReply, KeyStateCode, KeyWritten, Request, Response, Scope,
-    ShardStatus, VersionInfo, ADMIN_CREDENTIAL_DOMAIN, CHALLENGE_LEN, CLIENT_MAX_FRAME_PAYLOAD,
+    create_flags, ErrorCode, ErrorReply, KeyWritten, Request, Response, Scope, ShardStatus,
+    VersionInfo, ADMIN_CREDENTIAL_DOMAIN, CHALLENGE_LEN, CLIENT_MAX_FRAME_PAYLOAD,
     MAX_DESCRIBE_VERSIONS,
 };
 use keyfort_net::server::ClientService;
@@ -167,6 +167,15 @@ impl Service {
     /// Whether the partition exists in the replica's applied state.
     fn has_partition(r: &Replica, p: &PartitionId) -> bool {
         r.with_core(|c| c.state_machine().partition(p).is_some())
+    }
+
+    /// A partition not in this replica's state may be committed and not yet applied here: one
+    /// read round before the caller goes on (and refuses it if it is still missing).
+    async fn await_partition(r: &Rc<Replica>, p: &PartitionId) -> Result<(), ErrorReply> {
+        if !Self::has_partition(r, p) {
+            r.read_index().await.map_err(replica_err)?;
+        }
+        Ok(())
     }
 
     /// Loads the partition into the service's card session from the state (once); refuses a
@@ -389,10 +398,7 @@ impl Service {
                 } else {
                     derived_key_id(&p, &idempotency_id)
                 };
-                if !Self::has_partition(&r, &p) {
-                    // Maybe not applied here yet: one read round before refusing.
-                    r.read_index().await.map_err(replica_err)?;
-                }
+                Self::await_partition(&r, &p).await?;
                 self.ensure_partition(&r, &p)?;
                 let header = KeyHeader::aes(p, key_id, 1);
                 let made = {
@@ -462,10 +468,7 @@ impl Service {
                     idempotency_id: IdempotencyId(idempotency_id),
                     header: KeyHeader::aes(p, KeyId(key_id), version),
                     version_replaced: 0,
-                    state: match state {
-                        KeyStateCode::Enabled => KeyState::Enabled,
-                        KeyStateCode::Disabled => KeyState::Disabled,
-                    },
+                    state: state.into(),
                     metadata,
                     blob: Vec::new(),
                 });
@@ -563,10 +566,7 @@ impl Service {
                     .iter()
                     .map(|e| VersionInfo {
                         version: e.header.version,
-                        state: match e.state {
-                            KeyState::Enabled => KeyStateCode::Enabled,
-                            KeyState::Disabled => KeyStateCode::Disabled,
-                        },
+                        state: e.state.into(),
                         created_lsn: e.lsn_created,
                         metadata: e.metadata.clone(),
                     })
@@ -724,9 +724,7 @@ impl ClientService for Service {
                 Scope::Partition(p) => {
                     let p = PartitionId(p);
                     let r = self.replica_of(&p)?;
-                    if !Self::has_partition(&r, &p) {
-                        r.read_index().await.map_err(replica_err)?;
-                    }
+                    Self::await_partition(&r, &p).await?;
                     if self.ensure_partition(&r, &p).is_err() {
                         return Ok(false);
                     }
