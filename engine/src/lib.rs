@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod compaction;
 pub mod exec;
+pub mod manifest;
 pub mod raft;
 pub mod recovery;
 pub mod snapshot;

@@ -60,6 +60,10 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         len: u8,
     },
+    /// Restore a whole cluster from the durable store into new data dirs (the durable tier).
+    Restore(keyfort_tools::restore::RestoreArgs),
+    /// Time every recovery tier on a local cluster: local, peer, durable, full replay.
+    Drill(keyfort_tools::drill::DrillArgs),
     /// Run the README's main job on the embedded defaults.
     Demo(keyfort_tools::demo::DemoArgs),
     /// The demo's WBL writer child (killed by the demo; not for operators).
@@ -82,6 +86,8 @@ fn main() -> ExitCode {
         Cmd::Encrypt(io) => keyfort_tools::client_cmd::encrypt(io),
         Cmd::Decrypt(io) => keyfort_tools::client_cmd::decrypt(io),
         Cmd::DataKey { io, len } => keyfort_tools::client_cmd::data_key(io, len),
+        Cmd::Restore(a) => keyfort_tools::restore::run(a),
+        Cmd::Drill(a) => keyfort_tools::drill::run(a),
         Cmd::Demo(a) => keyfort_tools::demo::run(a),
         Cmd::DemoWblWriter(a) => keyfort_tools::demo::writer(a),
         Cmd::DemoShardWriter(a) => keyfort_tools::demo_snapshot::shard_writer(a),

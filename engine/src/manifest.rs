@@ -1,0 +1,1 @@
+//! Backup manifests (issue 7). Being written.

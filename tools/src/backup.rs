@@ -1,0 +1,1 @@
+//! The snapshot manager (issue 7). Being written.
