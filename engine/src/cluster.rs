@@ -159,7 +159,7 @@ impl ClusterConfig {
     }
 
     pub fn decode(b: &[u8]) -> Result<ClusterConfig, ClusterError> {
-        let mut r = Reader { b, at: 0, what: CC };
+        let mut r = Reader::new(b, CC);
         if r.take(4)? != CLUSTER_CONFIG_MAGIC {
             return Err(ClusterError::BadMagic { what: CC });
         }
@@ -353,14 +353,22 @@ pub fn read_cluster_config(dir: &Path) -> Result<ClusterConfig, ClusterError> {
     ClusterConfig::decode(&b)
 }
 
-struct Reader<'a> {
+/// A little-endian reader over one encoded item whose errors name it (`what`).
+pub(crate) struct Reader<'a> {
     b: &'a [u8],
     at: usize,
     what: &'static str,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ClusterError> {
+    pub(crate) fn new(b: &'a [u8], what: &'static str) -> Reader<'a> {
+        Reader { b, at: 0, what }
+    }
+    /// Bytes read so far.
+    pub(crate) fn at(&self) -> usize {
+        self.at
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], ClusterError> {
         let end = self
             .at
             .checked_add(n)
@@ -373,16 +381,16 @@ impl<'a> Reader<'a> {
         self.at = end;
         Ok(s)
     }
-    fn u16(&mut self) -> Result<u16, ClusterError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, ClusterError> {
         Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
     }
-    fn u32(&mut self) -> Result<u32, ClusterError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, ClusterError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
     }
-    fn u64(&mut self) -> Result<u64, ClusterError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, ClusterError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
     }
-    fn end(&self) -> Result<(), ClusterError> {
+    pub(crate) fn end(&self) -> Result<(), ClusterError> {
         if self.at == self.b.len() {
             Ok(())
         } else {

@@ -10,13 +10,13 @@ mod state_common;
 
 use keyfort_engine::compaction::{compact, CompactionConfig, CompactionContext};
 use keyfort_engine::recovery::{newest_usable, recover_local, replay};
-use keyfort_engine::snapshot::{FooterMac, WriteOptions};
+use keyfort_engine::snapshot::WriteOptions;
 use keyfort_engine::state::{StateMachine, IDEMPOTENCY_WINDOW_LSNS};
 use keyfort_engine::wbl::{HardState, RecordKind, Wbl, WblOptions};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use rand::Rng;
-use state_common::log;
+use state_common::{log, SoftMac};
 use std::cell::RefCell;
 use std::path::Path;
 use std::process::Command;
@@ -30,30 +30,6 @@ const RECORDS: u64 = 3000;
 const STEP: u64 = 25;
 /// A child that is never killed stops by itself, so a broken parent cannot leak it for long.
 const CHILD_LIFETIME: Duration = Duration::from_secs(20);
-
-/// Keyed xxh3 in place of the card's HMAC (see the module comment).
-struct SoftMac;
-
-impl FooterMac for SoftMac {
-    fn mac(&self, bytes: &[u8]) -> keyfort_hsm::Result<[u8; 32]> {
-        let mut out = [0u8; 32];
-        for (i, c) in out.chunks_mut(16).enumerate() {
-            let h = xxhash_rust::xxh3::xxh3_128_with_seed(bytes, 0x6b66 + i as u64);
-            c.copy_from_slice(&h.to_le_bytes());
-        }
-        Ok(out)
-    }
-    fn verify(&self, bytes: &[u8], mac: &[u8]) -> keyfort_hsm::Result<()> {
-        if self.mac(bytes)?.as_slice() == mac {
-            Ok(())
-        } else {
-            Err(keyfort_hsm::CardError::BadMac {
-                what: "snapshot footer",
-                context: "soft mac".into(),
-            })
-        }
-    }
-}
 
 fn fixed_log() -> Vec<(RecordKind, Vec<u8>)> {
     let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);

@@ -207,3 +207,32 @@ fn a_footer_macd_by_another_realm_is_refused_as_bad_mac() {
     // Every other check still passes without a card.
     assert!(!Snapshot::open_without_mac(&path).unwrap().mac_checked());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// The durable tier's footer rewrite: new raft members, every section and the digest kept,
+    /// the new footer MACed by the card and verified when opened again.
+    #[test]
+    fn rewrite_membership_keeps_the_state_and_remacs_the_footer(log in log(80), voters in prop::collection::vec(1u64..1000, 1..6)) {
+        let card = card::session();
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = StateMachine::with_idempotency_window(50);
+        apply_range(&mut s, &log, 0, log.len());
+        prop_assume!(s.lsn_applied() > 0);
+        let path = snapshot::write_with(dir.path(), &s, &meta(&s), &card, &small_blocks()).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let unchecked = Snapshot::open_without_mac(&path).unwrap();
+        prop_assert!(snapshot::rewrite_membership(unchecked, &voters, &[], &card).is_err(), "unverified");
+        let snap = Snapshot::open(&path, &card).unwrap();
+        let footer_offset = snap.footer().footer_offset as usize;
+        snapshot::rewrite_membership(snap, &voters, &[], &card).unwrap();
+        let after = std::fs::read(&path).unwrap();
+        prop_assert_eq!(&before[..footer_offset], &after[..footer_offset]);
+        let (snap, loaded) = open_state(&path, &card);
+        prop_assert_eq!(snap.footer().voters.clone(), voters);
+        prop_assert!(snap.footer().learners.is_empty());
+        prop_assert_eq!(snap.digest(), s.digest());
+        prop_assert_eq!(&loaded, &s);
+    }
+}

@@ -183,6 +183,49 @@ pub fn write_with(
     pending.finish(&tag)
 }
 
+/// Replaces the raft membership in the footer of the verified snapshot `snap`, in place: the
+/// file is cut at its footer and a new footer naming `voters` and `learners`, MACed with `mac`,
+/// is written and fsynced. The sections (and so the chain over them, the digest and every
+/// count) are untouched. The durable tier uses it: a restored cluster's members have new raft
+/// ids. Consumes the snapshot: its open file no longer describes the bytes on disk.
+pub fn rewrite_membership(
+    snap: Snapshot,
+    voters: &[u64],
+    learners: &[u64],
+    mac: &dyn FooterMac,
+) -> Result<PathBuf, SnapshotError> {
+    if !snap.mac_checked {
+        return Err(SnapshotError::Invalid(
+            "a footer is rewritten only on a snapshot whose MAC was checked".into(),
+        ));
+    }
+    if voters.len() + learners.len() > CONF_MEMBERS_MAX {
+        return Err(SnapshotError::Invalid(format!(
+            "more than {CONF_MEMBERS_MAX} raft members"
+        )));
+    }
+    let path = snap.path.clone();
+    let io = |e: std::io::Error| SnapshotError::io(&path, e);
+    let mut footer = snap.footer.clone();
+    footer.voters = voters.to_vec();
+    footer.learners = learners.to_vec();
+    let body = footer.encode_body();
+    let tag = mac.mac(&body).map_err(|e| SnapshotError::card(&path, e))?;
+    drop(snap);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    f.set_len(footer.footer_offset).map_err(io)?;
+    let mut at = footer.footer_offset;
+    for part in [&body[..], &tag[..], &format::encode_tail(body.len())[..]] {
+        f.write_all_at(part, at).map_err(io)?;
+        at += part.len() as u64;
+    }
+    f.sync_all().map_err(io)?;
+    Ok(path)
+}
+
 /// A snapshot file written up to its footer body, waiting for the footer MAC. The split lets
 /// the bulk of the write run on a blocking thread while the card (per-core) makes the MAC.
 pub struct Pending {
