@@ -256,18 +256,35 @@ impl LocalCluster {
     /// `<root>/admin.cred` and returns its path. `keyfort` is the CLI binary.
     pub fn admin_credential(&self, keyfort: &Path) -> Result<PathBuf, String> {
         let out = self.root.join("admin.cred");
+        self.admin_credential_for(keyfort, &self.cluster_config_file(), &out)?;
+        Ok(out)
+    }
+
+    /// Issues an admin credential with node 1's card for the cluster whose config is
+    /// `cluster_config` (e.g. a restored cluster's `<data dir>/cluster-config`) into `out`.
+    pub fn admin_credential_for(
+        &self,
+        keyfort: &Path,
+        cluster_config: &Path,
+        out: &Path,
+    ) -> Result<(), String> {
         run(
             Command::new(keyfort)
                 .args(["cluster", "admin-credential", "--token-dir"])
                 .arg(self.root.join("node-1/card"))
                 .args(["--label", "node-1", "--config"])
-                .arg(self.cluster_config_file())
+                .arg(cluster_config)
                 .arg("--out")
-                .arg(&out)
+                .arg(out)
                 .env("KEYFORT_PIN_FILE", self.root.join("user.pin")),
             "keyfort cluster admin-credential",
-        )?;
-        Ok(out)
+        )
+        .map(drop)
+    }
+
+    /// The file holding the cards' user PIN (`KEYFORT_PIN_FILE` for `keyfort` commands).
+    pub fn pin_file(&self) -> PathBuf {
+        self.root.join("user.pin")
     }
 
     /// SIGTERM to node `i`, then waits up to `timeout` for it to exit; returns its status.
@@ -336,7 +353,7 @@ impl LocalCluster {
     }
 
     /// Node `i`'s `status.json` (None before its first write or while it is stopped).
-    fn status_json(&self, i: usize) -> Option<serde_json::Value> {
+    pub fn status_json(&self, i: usize) -> Option<serde_json::Value> {
         self.nodes[i].child.as_ref()?;
         let text = std::fs::read_to_string(self.nodes[i].data_dir.join("status.json")).ok()?;
         serde_json::from_str(&text).ok()
@@ -402,14 +419,34 @@ impl LocalCluster {
 
     /// Changes every node's config file (takes effect at the next start).
     pub fn configure(&self, f: impl Fn(&mut serde_json::Value)) -> Result<(), String> {
-        for n in &self.nodes {
-            let text = std::fs::read_to_string(&n.config).map_err(|e| e.to_string())?;
-            let mut v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| e.to_string())?;
-            f(&mut v);
-            std::fs::write(&n.config, v.to_string()).map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        (0..self.nodes.len()).try_for_each(|i| self.configure_node(i, &f))
+    }
+
+    /// Changes node `i`'s config file (takes effect at its next start).
+    pub fn configure_node(
+        &self,
+        i: usize,
+        f: impl Fn(&mut serde_json::Value),
+    ) -> Result<(), String> {
+        let n = &self.nodes[i];
+        let text = std::fs::read_to_string(&n.config).map_err(|e| e.to_string())?;
+        let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        f(&mut v);
+        std::fs::write(&n.config, v.to_string()).map_err(|e| e.to_string())
+    }
+
+    /// A running node that leads no shard (else one that does not lead shard 0), if any.
+    pub fn follower(&self) -> Option<usize> {
+        let leaders: Vec<Option<usize>> = (0..self.shards).map(|s| self.leader(s)).collect();
+        let running = |i: &usize| self.nodes[*i].child.is_some();
+        (0..self.nodes.len())
+            .filter(running)
+            .find(|i| !leaders.contains(&Some(*i)))
+            .or_else(|| {
+                (0..self.nodes.len())
+                    .filter(running)
+                    .find(|i| leaders.first() != Some(&Some(*i)))
+            })
     }
 
     /// Checks, with every node stopped, that each proposal a node acknowledged on `shard`
