@@ -249,6 +249,21 @@ impl ClusterConfig {
     }
 }
 
+impl ClusterConfig {
+    /// Whether `next`, the config of a cluster restored from this one's backup, may replace it
+    /// in a shard's state (the `ClusterRestore` record, docs/format.md §3.11): another cluster
+    /// id; the same shard count and integrity key (the realm's key that MACs every snapshot and
+    /// manifest); members all with ids this cluster never gave (at or above its
+    /// [`Self::next_node_id`]), so no raft id of the old cluster names a new member.
+    pub fn may_be_restored_as(&self, next: &ClusterConfig) -> bool {
+        next.cluster_id != self.cluster_id
+            && next.shard_count == self.shard_count
+            && next.integrity_key_wrapped == self.integrity_key_wrapped
+            && next.members.iter().all(|m| m.node_id >= self.next_node_id)
+            && next.next_node_id > self.next_node_id
+    }
+}
+
 /// The shard that owns `partition` in a cluster of `shard_count` shards: the xxh3-64 of the
 /// partition id modulo the shard count (fixed at `cluster init`, so a partition never moves).
 pub fn shard_of(partition: &keyfort_hsm::PartitionId, shard_count: u32) -> u32 {

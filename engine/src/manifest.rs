@@ -141,6 +141,14 @@ fn name(r: &mut Reader<'_>) -> Result<String, ClusterError> {
 }
 
 impl Manifest {
+    /// Every object the manifest names (snapshots, then archived ranges).
+    pub fn objects(&self) -> impl Iterator<Item = String> + '_ {
+        self.shards
+            .iter()
+            .map(|s| s.object.clone())
+            .chain(self.archives.iter().map(|a| a.object.clone()))
+    }
+
     /// The decoded cluster config.
     pub fn cluster(&self) -> Result<ClusterConfig, ClusterError> {
         ClusterConfig::decode(&self.cluster_config)

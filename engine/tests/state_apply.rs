@@ -346,3 +346,61 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_cluster_restore_replaces_the_config_only_with_a_new_cluster_of_new_ids_and_the_same_key() {
+    use keyfort_engine::cluster::{ClusterConfig, Member};
+    let config = |id: u8, ids: &[u64], next: u64, key: u8| {
+        ClusterConfig {
+            cluster_id: [id; 16],
+            shard_count: 2,
+            next_node_id: next,
+            members: ids
+                .iter()
+                .map(|&node_id| Member {
+                    node_id,
+                    peer_addr: format!("127.0.0.1:{}", 7000 + node_id),
+                })
+                .collect(),
+            integrity_key_wrapped: vec![key; 109],
+        }
+        .encode()
+        .unwrap()
+    };
+    let restore = |c: Vec<u8>| Op::ClusterRestore { config: c };
+    let mut s = StateMachine::new();
+    let old = config(1, &[1, 2, 3], 4, 9);
+    apply(
+        &mut s,
+        1,
+        &Op::ClusterConfig {
+            config: old.clone(),
+        },
+    );
+    let refused = [
+        ("same cluster id", config(1, &[4, 5, 6], 7, 9)),
+        ("an old raft id", config(2, &[3, 5, 6], 7, 9)),
+        ("another integrity key", config(2, &[4, 5, 6], 7, 8)),
+    ];
+    for (lsn, (why, c)) in (2..).zip(refused) {
+        let r = apply(&mut s, lsn, &restore(c));
+        assert_eq!(r.outcome.code, OutcomeCode::ClusterConfigRefused, "{why}");
+        assert_eq!(s.cluster_config(), Some(&old[..]), "{why}");
+    }
+    // A plain config change cannot change the cluster id either.
+    let new = config(2, &[4, 5, 6], 7, 9);
+    let r = apply(
+        &mut s,
+        5,
+        &Op::ClusterConfig {
+            config: new.clone(),
+        },
+    );
+    assert_eq!(r.outcome.code, OutcomeCode::ClusterConfigRefused);
+    let before = s.digest();
+    let r = apply(&mut s, 6, &restore(new.clone()));
+    assert_eq!(r.outcome.code, OutcomeCode::ClusterConfigSet);
+    assert_eq!(s.cluster_config(), Some(&new[..]));
+    assert_ne!(s.digest(), before);
+    assert_eq!(s.digest(), s.digest_recomputed().unwrap());
+}

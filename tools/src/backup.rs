@@ -1,1 +1,380 @@
-//! The snapshot manager (issue 7). Being written.
+//! The snapshot manager (DESIGN.md "Rolling snapshots and the snapshot manager", docs/format.md
+//! §9): runs on every node and acts only while the node leads shard 0, so it moves with that
+//! leadership.
+//!
+//! Every [`BackupConfig::interval`] the acting manager takes, for every shard, the newest
+//! snapshot file this node holds (a verified file: crc of every section, chain, digest and the
+//! footer MAC in the card), uploads the ones newer than the last manifest's with a conditional
+//! create under a name carrying the file's xxh3-64 (`snapshots/shard-S/{lsn:016x}-{hash:016x}
+//! .ksnap`: one name, one content), then writes the manifest naming them, MACed in the card,
+//! again with a conditional create, as the round's last object. A manager killed mid-round leaves
+//! at most snapshot objects no manifest names (a restore never sees them); never a manifest
+//! naming an object that is not complete — an object becomes visible only once whole.
+//!
+//! Fences: the manifest carries the manager's shard-0 term; a manager that finds a newer
+//! manifest of a higher term (it was deposed) skips its round. A restored cluster writes
+//! `fences/<old cluster id>`; the old cluster's manager, finding it, stops for good.
+//!
+//! Retention keeps the newest [`BackupConfig::manifests_kept`] manifests; an older manifest is
+//! deleted first, then the objects it named that no kept manifest names. Objects no manifest
+//! ever named (a round cut short) are left for the operator (`docs/operations.md`).
+//!
+//! Decisions where the issue is silent: the manager uploads its own node's snapshots (each
+//! replica compacts on its own schedule; a leader's are at least as fresh as a follower's within
+//! one compaction interval). Polling the other nodes for a newer file is not built yet.
+
+use crate::cluster_cmd::{hex, shard_snapshot_dir};
+use crate::durable::{DurableStore, PutOutcome, StoreError};
+use keyfort_engine::manifest::{
+    manifest_name, manifest_seq, Manifest, ShardSnapshot, MANIFEST_DIR,
+};
+use keyfort_engine::raft::Replica;
+use keyfort_engine::snapshot::{self, FooterMac, Snapshot};
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Default time between two rounds of the manager.
+pub const BACKUP_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
+/// Default number of manifests kept by retention.
+pub const MANIFESTS_KEPT_DEFAULT: usize = 8;
+/// Fewest manifests retention may keep (a restore always has one to fall back to).
+pub const MANIFESTS_KEPT_MIN: usize = 2;
+/// Folder of the snapshot objects in a backup root.
+pub const SNAPSHOT_DIR: &str = "snapshots";
+/// Folder of the fence objects in a backup root.
+pub const FENCE_DIR: &str = "fences";
+/// Folder, in the data dir, where the manager hard-links a snapshot while it uploads it (a
+/// compaction may delete the original meanwhile).
+pub const STAGING_DIR: &str = "backup-staging";
+
+/// The object name of shard `shard`'s snapshot at `lsn` whose file hashes to `hash`.
+pub fn snapshot_object(shard: u32, lsn: u64, hash: u64) -> String {
+    format!("{SNAPSHOT_DIR}/shard-{shard}/{lsn:016x}-{hash:016x}.ksnap")
+}
+
+/// The fence object of cluster `cluster_id`: present once a restore replaced that cluster.
+pub fn fence_object(cluster_id: &[u8; 16]) -> String {
+    format!("{FENCE_DIR}/{}", hex(cluster_id))
+}
+
+/// xxh3-64 of a whole file (blocking; 1 MiB reads).
+pub fn file_hash(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            return Ok((h.digest(), n));
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
+/// The manifests in `store`, ascending sequence number, with their object names.
+pub async fn list_manifests(store: &DurableStore) -> Result<Vec<(u64, String)>, StoreError> {
+    let mut out: Vec<(u64, String)> = store
+        .list(&format!("{MANIFEST_DIR}/"))
+        .await?
+        .into_iter()
+        .filter_map(|(k, _)| Some((manifest_seq(&k)?, k)))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+#[derive(Clone, Debug)]
+pub struct BackupConfig {
+    pub interval: Duration,
+    pub manifests_kept: usize,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            interval: BACKUP_INTERVAL_DEFAULT,
+            manifests_kept: MANIFESTS_KEPT_DEFAULT,
+        }
+    }
+}
+
+/// What the manager last did, for `status.json` and `keyfort cluster status`.
+#[derive(Clone, Debug, Default)]
+pub struct BackupStatus {
+    /// The newest manifest this node wrote: its sequence number, name, per-shard LSN and when.
+    pub last: Option<(u64, String, Vec<u64>, u64)>,
+    /// The last round's error, if it failed.
+    pub error: Option<String>,
+    /// The backup root holds a fence for this cluster: a restore replaced it.
+    pub fenced: bool,
+    pub rounds: u64,
+    pub bytes_uploaded: u64,
+}
+
+impl BackupStatus {
+    pub fn to_json(&self) -> serde_json::Value {
+        let (seq, name, lsns, at) = match &self.last {
+            Some((s, n, l, t)) => (Some(*s), Some(n.clone()), l.clone(), Some(*t)),
+            None => (None, None, Vec::new(), None),
+        };
+        serde_json::json!({
+            "seq": seq,
+            "manifest": name,
+            "lsns": lsns,
+            "uploaded_unix_ms": at,
+            "error": self.error,
+            "fenced": self.fenced,
+            "rounds": self.rounds,
+            "bytes_uploaded": self.bytes_uploaded,
+        })
+    }
+}
+
+/// The manager's inputs: the node's replicas, data dir, card and store.
+pub struct Manager {
+    pub cluster_id: [u8; 16],
+    pub replicas: Rc<RefCell<Vec<Rc<Replica>>>>,
+    pub data_dir: PathBuf,
+    pub mac: Rc<dyn FooterMac>,
+    pub store: DurableStore,
+    pub config: BackupConfig,
+    pub status: Rc<RefCell<BackupStatus>>,
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Manager {
+    /// Runs rounds for the life of the node (stops once fenced).
+    pub async fn run(self: Rc<Self>) {
+        loop {
+            glommio::timer::sleep(self.config.interval).await;
+            let leading = {
+                let r = self.replicas.borrow();
+                r.first().is_some_and(|r0| r0.with_core(|c| c.is_leader()))
+            };
+            if !leading {
+                continue;
+            }
+            let t = Instant::now();
+            let r = self.round().await;
+            let mut st = self.status.borrow_mut();
+            st.rounds += 1;
+            match r {
+                Ok(Some((seq, name, lsns, bytes))) => {
+                    tracing::info!(
+                        seq,
+                        manifest = %name,
+                        ?lsns,
+                        bytes,
+                        ms = t.elapsed().as_secs_f64() * 1e3,
+                        "backup manifest written"
+                    );
+                    st.last = Some((seq, name, lsns, now_unix_ms()));
+                    st.bytes_uploaded += bytes;
+                    st.error = None;
+                }
+                Ok(None) => st.error = None,
+                Err(Round::Fenced(by)) => {
+                    tracing::error!(
+                        fence = %by,
+                        "this cluster was replaced by a restore from its backup root: the \
+                         snapshot manager stops"
+                    );
+                    st.fenced = true;
+                    st.error = Some(format!("fenced by {by}"));
+                    return;
+                }
+                Err(Round::Failed(e)) => {
+                    tracing::warn!(error = %e, "backup round failed; retried next round");
+                    st.error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// One round: `Some((seq, name, lsns, bytes uploaded))` when a manifest was written.
+    async fn round(&self) -> Result<Option<(u64, String, Vec<u64>, u64)>, Round> {
+        let f = |e: StoreError| Round::Failed(e.to_string());
+        let fence = fence_object(&self.cluster_id);
+        if self.store.head(&fence).await.map_err(f)?.is_some() {
+            return Err(Round::Fenced(fence));
+        }
+        let replicas = self.replicas.borrow().clone();
+        let term = replicas[0].with_core(|c| c.term());
+        let Some(cluster_config) =
+            replicas[0].with_core(|c| c.state_machine().cluster_config().map(<[u8]>::to_vec))
+        else {
+            return Ok(None);
+        };
+        let manifests = list_manifests(&self.store).await.map_err(f)?;
+        let previous = match manifests.last() {
+            Some((_, name)) => {
+                let b = self.store.get_bytes(name).await.map_err(f)?;
+                let m = Manifest::decode(&b, &*self.mac)
+                    .map_err(|e| Round::Failed(format!("{name}: {e}")))?;
+                if m.shard0_term > term {
+                    return Ok(None); // a newer manager wrote it: this one was deposed
+                }
+                Some(m)
+            }
+            None => None,
+        };
+        let mut shards = Vec::with_capacity(replicas.len());
+        let mut uploaded = 0;
+        let mut changed = previous.is_none();
+        for shard in 0..replicas.len() as u32 {
+            let prev = previous.as_ref().and_then(|m| {
+                let cluster = m.cluster().ok()?;
+                (cluster.shard_count as usize == replicas.len())
+                    .then(|| m.shards[shard as usize].clone())
+            });
+            let newest = snapshot::list(&shard_snapshot_dir(&self.data_dir, shard))
+                .map_err(|e| Round::Failed(e.to_string()))?
+                .pop();
+            let entry = match (newest, prev) {
+                (Some((lsn, path)), prev) if prev.as_ref().is_none_or(|p| lsn > p.lsn) => {
+                    changed = true;
+                    let (entry, bytes) = self.upload_snapshot(shard, lsn, &path).await?;
+                    uploaded += bytes;
+                    entry
+                }
+                (_, Some(prev)) => prev,
+                (None, None) => return Ok(None), // a shard without a snapshot yet
+                (Some(_), None) => unreachable!("matched by the first arm"),
+            };
+            shards.push(entry);
+        }
+        if !changed {
+            return Ok(None);
+        }
+        let seq = manifests.last().map_or(1, |(s, _)| s + 1);
+        let m = Manifest {
+            seq,
+            created_unix_ms: now_unix_ms(),
+            shard0_term: term,
+            cluster_config,
+            shards,
+            archives: Vec::new(),
+        };
+        let bytes = m
+            .encode(&*self.mac)
+            .map_err(|e| Round::Failed(e.to_string()))?;
+        let name = manifest_name(seq);
+        match self.store.put_bytes_create(&name, bytes).await.map_err(f)? {
+            PutOutcome::Created => {}
+            // Another manager took this number: the next round lists again.
+            PutOutcome::AlreadyExists => return Ok(None),
+        }
+        self.retain(&manifests, &m).await.map_err(f)?;
+        let lsns = m.shards.iter().map(|s| s.lsn).collect();
+        Ok(Some((seq, name, lsns, uploaded)))
+    }
+
+    /// Verifies the snapshot at `path` (every check and the MAC), hashes it and uploads it
+    /// unless an object of that name exists. Works on a hard link in [`STAGING_DIR`], so a
+    /// compaction deleting the file meanwhile changes nothing.
+    async fn upload_snapshot(
+        &self,
+        shard: u32,
+        lsn: u64,
+        path: &Path,
+    ) -> Result<(ShardSnapshot, u64), Round> {
+        let fail = |e: String| Round::Failed(format!("shard {shard} snapshot at lsn {lsn}: {e}"));
+        let staging = self.data_dir.join(STAGING_DIR);
+        std::fs::create_dir_all(&staging).map_err(|e| fail(e.to_string()))?;
+        let link = staging.join(format!("shard-{shard}-{}", snapshot::file_name(lsn)));
+        let _ = std::fs::remove_file(&link);
+        std::fs::hard_link(path, &link).map_err(|e| fail(e.to_string()))?;
+        let _unlink = Unlink(link.clone());
+        let l = link.clone();
+        let (snap, hashed) = glommio::executor()
+            .spawn_blocking(move || (Snapshot::open_without_mac(&l), file_hash(&l)))
+            .await;
+        let mut snap = snap.map_err(|e| fail(e.to_string()))?;
+        snap.verify_mac(&*self.mac)
+            .map_err(|e| fail(e.to_string()))?;
+        let (hash, bytes) = hashed.map_err(|e| fail(e.to_string()))?;
+        let footer = snap.footer().clone();
+        drop(snap);
+        let object = snapshot_object(shard, lsn, hash);
+        let sent = match self
+            .store
+            .put_file_create(&object, &link)
+            .await
+            .map_err(|e| fail(e.to_string()))?
+        {
+            PutOutcome::Created => bytes,
+            PutOutcome::AlreadyExists => 0,
+        };
+        Ok((
+            ShardSnapshot {
+                shard,
+                lsn,
+                term: footer.term,
+                bytes,
+                digest: footer.digest,
+                key_count: footer.key_count,
+                file_hash: hash,
+                object,
+            },
+            sent,
+        ))
+    }
+
+    /// Deletes the manifests beyond the newest `manifests_kept` (counting `newest`, just
+    /// written), then every object they named that no kept manifest names.
+    async fn retain(&self, before: &[(u64, String)], newest: &Manifest) -> Result<(), StoreError> {
+        let keep = self.config.manifests_kept.max(MANIFESTS_KEPT_MIN);
+        if before.len() < keep {
+            return Ok(());
+        }
+        let (old, kept) = before.split_at(before.len() + 1 - keep);
+        let mut referenced: std::collections::HashSet<String> = newest.objects().collect();
+        for (_, name) in kept {
+            let b = self.store.get_bytes(name).await?;
+            // A kept manifest that does not decode still protects nothing: it is not a restore
+            // point. Its objects are not deleted either (the names are unknown).
+            if let Ok((m, _)) = Manifest::decode_unverified(&b) {
+                referenced.extend(m.objects());
+            }
+        }
+        for (_, name) in old {
+            let m = match self.store.get_bytes(name).await {
+                Ok(b) => Manifest::decode_unverified(&b).ok().map(|(m, _)| m),
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            self.store.delete(name).await?;
+            for o in m.iter().flat_map(|m| m.objects()) {
+                if !referenced.contains(&o) {
+                    self.store.delete(&o).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a round ended without a manifest.
+enum Round {
+    Fenced(String),
+    Failed(String),
+}
+
+/// Removes a staging link when the upload is done or failed.
+struct Unlink(PathBuf);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -50,9 +50,19 @@ pub struct NodeConfig {
     /// Client listener (docs/format.md §8); none: this node serves no clients.
     #[serde(default)]
     pub client_listen: Option<SocketAddr>,
-    /// Durable store URL (the disaster-recovery issue uses it; accepted and recorded now).
+    /// Durable store URL (`crate::durable::DurableStore::open`): the snapshot manager
+    /// (`crate::backup`) uploads snapshots and manifests there while this node leads shard 0.
+    /// None: no backups.
     #[serde(default)]
     pub durable_store: Option<String>,
+    /// Milliseconds between two rounds of the snapshot manager (default
+    /// `backup::BACKUP_INTERVAL_DEFAULT`).
+    #[serde(default)]
+    pub backup_interval_ms: Option<u64>,
+    /// Manifests retention keeps in the durable store (default
+    /// `backup::MANIFESTS_KEPT_DEFAULT`, at least `backup::MANIFESTS_KEPT_MIN`).
+    #[serde(default)]
+    pub manifests_kept: Option<usize>,
     pub card: CardConfig,
     /// Raft tick in milliseconds (elections after 10–20 ticks; default [`DEFAULT_TICK_MS`]).
     #[serde(default = "default_tick_ms")]
@@ -368,6 +378,28 @@ async fn node(
             .detach();
         }
     }
+    let backup = Rc::new(RefCell::new(crate::backup::BackupStatus::default()));
+    if let Some(url) = &cfg.durable_store {
+        let store = crate::durable::DurableStore::open(url).map_err(|e| e.to_string())?;
+        let defaults = crate::backup::BackupConfig::default();
+        let manager = Rc::new(crate::backup::Manager {
+            cluster_id: cluster.cluster_id,
+            replicas: replicas.clone(),
+            data_dir: cfg.data_dir.clone(),
+            mac: session.clone(),
+            store,
+            config: crate::backup::BackupConfig {
+                interval: cfg
+                    .backup_interval_ms
+                    .map_or(defaults.interval, |ms| Duration::from_millis(ms.max(1))),
+                manifests_kept: cfg.manifests_kept.unwrap_or(defaults.manifests_kept),
+            },
+            status: backup.clone(),
+        });
+        glommio::spawn_local_into(manager.run(), queues.background)
+            .map_err(|e| e.to_string())?
+            .detach();
+    }
     // Dial every peer now: peers backing off from this node (it was down, or is new) see it
     // connect and redial it at once instead of at their next backoff step.
     transport.connect_all();
@@ -424,6 +456,9 @@ async fn node(
             client_bound,
             &replicas.borrow(),
             &latency.borrow(),
+            cfg.durable_store
+                .is_some()
+                .then(|| backup.borrow().to_json()),
         )?;
         if let Some(e) = replicas.borrow().iter().find_map(|r| r.failed()) {
             return Err(format!("a shard replica stopped: {e}"));
@@ -588,6 +623,7 @@ fn write_status(
     client_addr: Option<SocketAddr>,
     replicas: &[Rc<Replica>],
     latency: &hdrhistogram::Histogram<u64>,
+    backup: Option<serde_json::Value>,
 ) -> crate::CmdResult {
     let shards: Vec<serde_json::Value> = replicas
         .iter()
@@ -616,6 +652,7 @@ fn write_status(
         "client_addr": client_addr.map(|a| a.to_string()),
         "shards": shards,
         "synthetic_commit_latency": keyfort_bench::LatencySummary::of(latency),
+        "backup": backup,
     });
     status_writer().publish(dir, v.to_string());
     Ok(())

@@ -798,11 +798,13 @@ impl StateMachine {
     }
 
     fn execute(&mut self, lsn: u64, op: Op) -> Result<Outcome, SnapshotError> {
+        let restore = matches!(op, Op::ClusterRestore { .. });
         Ok(match op {
-            Op::ClusterConfig { config } => {
+            Op::ClusterConfig { config } | Op::ClusterRestore { config } => {
                 if let Some(old) = &self.cluster_config {
                     use crate::cluster::ClusterConfig;
                     let ok = match (ClusterConfig::decode(old), ClusterConfig::decode(&config)) {
+                        (Ok(old), Ok(new)) if restore => old.may_be_restored_as(&new),
                         (Ok(old), Ok(new)) => old.may_become(&new),
                         _ => false,
                     };

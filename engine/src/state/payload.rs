@@ -113,6 +113,11 @@ pub enum Op {
         key_id: KeyId,
     },
     Checkpoint(Checkpoint),
+    /// A restored cluster's config (docs/format.md §3.11), written by `keyfort restore` at
+    /// the LSN after the restored snapshot's, never proposed by a node.
+    ClusterRestore {
+        config: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -124,6 +129,7 @@ impl Op {
             Op::KeyPut(_) => RecordKind::KeyPut,
             Op::KeyDelete { .. } => RecordKind::KeyDelete,
             Op::Checkpoint(_) => RecordKind::Checkpoint,
+            Op::ClusterRestore { .. } => RecordKind::ClusterRestore,
         }
     }
 
@@ -131,7 +137,7 @@ impl Op {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = vec![PAYLOAD_VERSION];
         match self {
-            Op::ClusterConfig { config } => {
+            Op::ClusterConfig { config } | Op::ClusterRestore { config } => {
                 put_bytes32(&mut w, config, CLUSTER_CONFIG_BYTES_MAX);
             }
             Op::PartitionCreate { partition, config } => {
@@ -182,6 +188,9 @@ impl Op {
         r.version()?;
         let op = match kind {
             RecordKind::ClusterConfig => Op::ClusterConfig {
+                config: r.bytes32("config", CLUSTER_CONFIG_BYTES_MAX)?,
+            },
+            RecordKind::ClusterRestore => Op::ClusterRestore {
                 config: r.bytes32("config", CLUSTER_CONFIG_BYTES_MAX)?,
             },
             RecordKind::PartitionCreate => Op::PartitionCreate {
@@ -254,6 +263,7 @@ fn kind_name(kind: RecordKind) -> &'static str {
         RecordKind::KeyPut => "key put payload",
         RecordKind::KeyDelete => "key delete payload",
         RecordKind::Checkpoint => "checkpoint payload",
+        RecordKind::ClusterRestore => "cluster restore payload",
         _ => "raft payload",
     }
 }

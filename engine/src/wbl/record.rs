@@ -27,10 +27,13 @@ pub enum RecordKind {
     KeyDelete = 20,
     /// Names the LSN it covers, the chain head and state digest there, and a MAC.
     Checkpoint = 21,
+    /// The first record of a cluster restored from the durable store: its new cluster config
+    /// (new cluster id and members), replacing the restored state's.
+    ClusterRestore = 22,
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 10] = [
+    pub const ALL: [RecordKind; 11] = [
         RecordKind::RaftNoop,
         RecordKind::RaftConfChange,
         RecordKind::RaftConfChangeV2,
@@ -41,6 +44,7 @@ impl RecordKind {
         RecordKind::KeyPut,
         RecordKind::KeyDelete,
         RecordKind::Checkpoint,
+        RecordKind::ClusterRestore,
     ];
 
     pub fn from_u8(v: u8) -> Option<RecordKind> {
