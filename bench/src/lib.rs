@@ -7,6 +7,7 @@ pub mod bulk;
 pub mod disk;
 pub mod loadgen;
 pub mod local_cluster;
+pub mod s3_server;
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
