@@ -101,6 +101,7 @@ impl Restored {
             "shards": self.shards.iter().map(|s| serde_json::json!({
                 "shard": s.shard, "lsn": s.lsn, "term": s.term,
                 "digest": format!("{:032x}", s.digest.0), "keys": s.key_count, "bytes": s.bytes,
+                "object": s.object,
             })).collect::<Vec<_>>(),
             "skipped": self.skipped.iter().map(|(m, why)| serde_json::json!({"manifest": m, "reason": why})).collect::<Vec<_>>(),
             "fetched_bytes": self.fetched_bytes,
