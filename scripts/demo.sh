@@ -5,10 +5,13 @@
 # then the snapshot drill: shards applying masked-key records with rolling card-MACed snapshots
 # are SIGKILLed and recover from their newest verified snapshot plus the log, timed per phase.
 # Then a 3-node keyfortd cluster (one card each): the leader is SIGKILLed; failover and catch-up are timed.
+# Last, a short disaster-recovery drill (`keyfort drill`, issue 7): 100,000 keys loaded through raft,
+# then full replay, local restart, wiped-node rejoin and whole-cluster restore from S3, each timed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo build --release --locked -p keyfort-tools
 data=${KEYFORT_DEMO_DIR:-.kf/demo}
 rm -rf "$data"
-exec target/release/keyfort demo --data-dir "$data" "$@"
+target/release/keyfort demo --data-dir "$data" "$@"
+exec target/release/keyfort drill --keys 100000 --dir "$data/drill"

@@ -173,7 +173,13 @@ impl S3Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("{}: {e}", bin.display()))?;
+            .map_err(|e| {
+                format!(
+                    "{}: {e} (build it with `cargo build --release -p keyfort-tools`, or run the \
+                     drill with --no-durable)",
+                    bin.display()
+                )
+            })?;
         let stdout = child.stdout.take().ok_or("keyfort-s3: no stdout")?;
         let mut line = String::new();
         std::io::BufReader::new(stdout)
@@ -736,6 +742,8 @@ fn drill(args: &DrillArgs) -> Result<Value, String> {
         Some((s, r, b)) => (Some(s), Some(r), b),
         None => (None, None, 0),
     };
+    let (local_gbps, peer_gbps) = (gbps(local_bytes, local_s), gbps(peer_bytes, peer_s));
+    let durable_gbps = durable_s.and_then(|s| gbps(durable_bytes, s));
     let ten_x = [local_s, peer_s, durable_s.unwrap_or(f64::INFINITY)]
         .iter()
         .all(|s| s * 10.0 <= full_replay_s);
@@ -763,10 +771,16 @@ fn drill(args: &DrillArgs) -> Result<Value, String> {
         "disk_read_gb_per_s": disk_gbps,
         "s3_get_gb_per_s": s3_gbps,
         "verified_keys": verified,
+        // Snapshot bytes over the whole recovery time (not only its read or fetch phase).
         "throughput_gb_per_s": {
-            "local_snapshot_read": gbps(local_bytes, local_s),
-            "peer_snapshot_streamed": gbps(peer_bytes, peer_s),
-            "durable_fetched": durable_s.and_then(|s| gbps(durable_bytes, s)),
+            "local_snapshot_read": local_gbps,
+            "peer_snapshot_streamed": peer_gbps,
+            "durable_fetched": durable_gbps,
+        },
+        "throughput_vs_reference": {
+            "local_vs_disk_read": local_gbps.map(|g| g / disk_gbps),
+            "peer_vs_disk_read": peer_gbps.map(|g| g / disk_gbps),
+            "durable_vs_s3_get": durable_gbps.zip(s3_gbps).map(|(g, s)| g / s),
         },
         "speedup_vs_full_replay": {
             "local": speedup(local_s),
@@ -836,6 +850,22 @@ fn backup_status(c: &LocalCluster) -> Option<Value> {
         .max_by_key(|b| b["seq"].as_u64().unwrap_or(0))
 }
 
+/// Per shard, the digest of the old cluster's own snapshot at `lsns[shard]` (any node's, every
+/// check but the MAC), if a node still holds it.
+fn snapshot_digests(c: &LocalCluster, lsns: &[u64]) -> Vec<Option<String>> {
+    use keyfort_engine::snapshot::{file_name, Snapshot};
+    lsns.iter()
+        .enumerate()
+        .map(|(s, lsn)| {
+            c.nodes.iter().find_map(|n| {
+                let dir = crate::cluster_cmd::shard_snapshot_dir(&n.data_dir, s as u32);
+                let snap = Snapshot::open_without_mac(&dir.join(file_name(*lsn))).ok()?;
+                Some(snap.digest().to_string())
+            })
+        })
+        .collect()
+}
+
 /// (c): waits for a manifest covering the load, loses every node and disk, restores, and
 /// times until the new cluster serves a read and a write with agreeing digests.
 fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified), String> {
@@ -864,14 +894,21 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
     let st = d.c.status(0).ok_or("no status")?;
     let before: Vec<(u64, String)> = st.iter().map(|s| (s.applied, s.digest.clone())).collect();
     let commits: Vec<u64> = (0..d.c.shards).map(|s| d.c.max_commit(s)).collect();
+    let manifest_lsns: Vec<u64> = backup["lsns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect();
+    let old_digests = snapshot_digests(&d.c, &manifest_lsns);
     let disaster_ms = unix_ms();
     d.c.kill_all();
     let rpo_s =
         disaster_ms.saturating_sub(backup["uploaded_unix_ms"].as_u64().unwrap_or(0)) as f64 / 1e3;
     let behind: Vec<u64> = commits
         .iter()
-        .zip(backup["lsns"].as_array().into_iter().flatten())
-        .map(|(c, l)| c.saturating_sub(l.as_u64().unwrap_or(0)))
+        .zip(&manifest_lsns)
+        .map(|(c, l)| c.saturating_sub(*l))
         .collect();
     for n in &d.c.nodes {
         std::fs::remove_dir_all(&n.data_dir)
@@ -909,45 +946,45 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
         serde_json::from_slice(&out.stdout).map_err(|e| format!("keyfort restore --json: {e}"))?;
     d.c.start_all()?;
     // The old credentials are tried first; they name partitions, not the cluster.
-    let read_write = |d: &Drill| -> Result<(), String> {
+    let read_write = |d: &Drill| -> Result<(), ClientError> {
         let h = bulk_key_header(0, d.partitions);
-        d.clients[0].describe_key(h.key_id.0).map_err(client_err)?;
-        d.clients[0]
-            .create_key(b"drill: written after the restore", false)
-            .map_err(client_err)?;
+        d.clients[0].describe_key(h.key_id.0)?;
+        d.clients[0].create_key(b"drill: written after the restore", false)?;
         Ok(())
     };
     let mut reissued = false;
     if let Err(e) = read_write(d) {
-        let refused = e.contains(&format!("{:?}", ErrorCode::Unauthenticated));
-        if !refused {
+        if e.code() != Some(ErrorCode::Unauthenticated) {
             return Err(format!("drill: (c) first read and write: {e}"));
         }
         let cfg = d.c.nodes[0].data_dir.join("cluster-config");
         d.connect(&cfg)?;
-        read_write(d)?;
+        read_write(d).map_err(|e| format!("drill: (c) first read and write: {e}"))?;
         reissued = true;
     }
     let served_s = secs(t0.elapsed());
     d.wait("restored nodes agree", |_| d.settled(false))?;
     let durable_s = secs(t0.elapsed());
     let shards = restored["shards"].as_array().cloned().unwrap_or_default();
+    // The restored state at the manifest's LSN is the old cluster's own snapshot at that LSN.
     let digest_match: Vec<bool> = shards
         .iter()
         .map(|s| {
             let i = s["shard"].as_u64().unwrap_or(u64::MAX) as usize;
-            before.get(i).is_some_and(|(lsn, digest)| {
-                s["lsn"].as_u64() == Some(*lsn) && s["digest"].as_str() == Some(digest.as_str())
-            })
+            s["lsn"].as_u64() == manifest_lsns.get(i).copied()
+                && old_digests.get(i).and_then(|d| d.as_deref()) == s["digest"].as_str()
         })
         .collect();
-    let fetched: u64 = shards.iter().filter_map(|s| s["bytes"].as_u64()).sum();
+    let restored_keys: u64 = shards.iter().filter_map(|s| s["keys"].as_u64()).sum();
+    let fetched = restored["fetched_bytes"].as_u64().unwrap_or(0);
     let v = d.verify(0)?;
     let detail = json!({
         "manifest": backup,
         "rpo_lsns_behind": behind,
         "old_applied": before.iter().map(|b| b.0).collect::<Vec<_>>(),
+        "old_snapshot_digests": old_digests,
         "manifest_digest_match": digest_match,
+        "restored_keys": restored_keys,
         "restore": restored,
         "restore_command_s": restore_s,
         "read_and_write_served_s": served_s,

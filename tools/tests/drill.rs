@@ -49,7 +49,7 @@ fn the_drill_runs_every_tier_and_verifies_every_key() {
         .iter()
         .map(|s| s["tier"].as_str().unwrap())
         .collect();
-    assert_eq!(tiers, ["full_replay", "local", "peer"], "{r}");
+    assert_eq!(tiers, ["full_replay", "local", "peer", "durable"], "{r}");
     for s in r["steps"].as_array().unwrap() {
         assert_eq!(s["verified_keys"], KEYS, "{s}");
         assert_eq!(s["used_keys"], 40, "{s}");
@@ -77,4 +77,22 @@ fn the_drill_runs_every_tier_and_verifies_every_key() {
         .all(|l| l.as_u64().unwrap() > 0));
     let peer = step("peer");
     assert_ne!(peer["new_node_id"], peer["old_node_id"], "{peer}");
+    // (c) restored the manifest's state: its digests are the old cluster's at those LSNs, and
+    // the new cluster has a new id.
+    let durable = step("durable");
+    assert!(
+        durable["manifest_digest_match"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m == true),
+        "{durable}"
+    );
+    assert_eq!(durable["restored_keys"], KEYS, "{durable}");
+    assert_ne!(
+        durable["restore"]["cluster_id"],
+        durable["restore"]["old_cluster_id"]
+    );
+    assert!(r["rpo_s"].as_f64().unwrap() >= 0.0, "{r}");
+    assert!(r["s3_get_gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
 }
