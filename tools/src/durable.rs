@@ -45,6 +45,9 @@ use tokio::sync::{mpsc, oneshot};
 /// Jobs waiting for the durable thread; a caller past this many waits (backpressure) instead of
 /// queueing without bound.
 pub const JOB_QUEUE_DEPTH: usize = 64;
+/// Jobs running at once on the durable thread; past it the thread stops taking jobs, the queue
+/// fills and callers wait. Bounds memory: a job holds at most one file part or small file.
+pub const JOBS_IN_FLIGHT_MAX: usize = 16;
 /// Threads in the durable runtime's blocking pool (file reads, part writes, fsync).
 pub const BLOCKING_THREADS_MAX: usize = 4;
 /// Files up to this size are created with one PUT; larger ones go multipart.
@@ -786,8 +789,16 @@ impl DurableStore {
             .name("keyfort-durable".to_string())
             .spawn(move || {
                 rt.block_on(async move {
+                    let slots = Arc::new(tokio::sync::Semaphore::new(JOBS_IN_FLIGHT_MAX));
                     while let Some(job) = queue.recv().await {
-                        tokio::spawn(job(backend.clone()));
+                        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                            return; // never closed
+                        };
+                        let work = job(backend.clone());
+                        tokio::spawn(async move {
+                            work.await;
+                            drop(slot);
+                        });
                     }
                 });
             })

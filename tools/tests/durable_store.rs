@@ -263,3 +263,93 @@ fn bad_urls_and_options_are_typed_errors() {
         "{bad_key:?}"
     );
 }
+
+/// Racing creates of one key: exactly one wins and its content is what stays, for single PUTs
+/// and for staged multipart uploads (whose completion carries `If-None-Match: *`).
+fn racing_creates_have_one_winner(store: &DurableStore) {
+    let scratch = tempfile::tempdir().unwrap();
+    let racers: u8 = 6;
+    let outcomes: Vec<PutOutcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..racers)
+            .map(|i| s.spawn(move || block_on(store.put_bytes_create("race/small", vec![i; 64]))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    let winners: Vec<u8> = (0..racers)
+        .filter(|&i| outcomes[i as usize] == PutOutcome::Created)
+        .collect();
+    assert_eq!(winners.len(), 1, "{outcomes:?}");
+    let kept = block_on(store.get_bytes("race/small")).unwrap();
+    assert_eq!(kept, vec![winners[0]; 64]);
+
+    let big_len = PUT_SINGLE_BYTES_MAX as usize + (1 << 20);
+    let files: Vec<_> = (0..2u64)
+        .map(|i| {
+            let path = scratch.path().join(format!("big-{i}"));
+            write_file(&path, &pattern(big_len, 100 + i));
+            path
+        })
+        .collect();
+    let outcomes: Vec<PutOutcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .iter()
+            .map(|f| s.spawn(move || block_on(store.put_file_create("race/big", f))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    let winner = outcomes
+        .iter()
+        .position(|o| *o == PutOutcome::Created)
+        .expect("one large create wins");
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == PutOutcome::Created)
+            .count(),
+        1
+    );
+    let dest = scratch.path().join("big.dest");
+    block_on(store.get_to_file("race/big", &dest, FetchOptions::default())).unwrap();
+    assert!(std::fs::read(&dest).unwrap() == std::fs::read(&files[winner]).unwrap());
+    assert_eq!(
+        block_on(store.list("race/")).unwrap().len(),
+        2,
+        "staging hidden"
+    );
+}
+
+#[test]
+fn racing_creates_have_one_winner_on_both_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    racing_creates_have_one_winner(&DurableStore::open(dir.path().to_str().unwrap()).unwrap());
+    let server = S3Server::start(&[]);
+    racing_creates_have_one_winner(&server.open("race-prefix"));
+}
+
+#[test]
+fn store_is_awaitable_from_a_glommio_executor() {
+    let server = S3Server::start(&[]);
+    let store = server.open("glommio");
+    let done = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name("durable-test")
+        .io_memory(1 << 20)
+        .spawn(move || async move {
+            let put = store.put_bytes_create("k", b"from glommio".to_vec()).await;
+            assert_eq!(put, Ok(PutOutcome::Created));
+            // the executor keeps running other tasks while the store works
+            let ticker = glommio::spawn_local(async { 7 });
+            let got = store.get_bytes("k").await.unwrap();
+            assert_eq!(ticker.await, 7);
+            got
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(done, b"from glommio");
+}
