@@ -878,6 +878,7 @@ impl DurableStore {
     /// Parallel ranged GETs (part_bytes each, `parallel` at once) into `dest` (created/truncated,
     /// fsynced at the end); a part that fails or comes back short is re-requested from the byte
     /// where it stopped (resume), up to `retries` times per part, counted in resumed_parts.
+    /// On an error `dest` is left incomplete: the caller removes it or fetches again.
     pub async fn get_to_file(
         &self,
         key: &str,

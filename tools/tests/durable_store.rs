@@ -353,3 +353,39 @@ fn store_is_awaitable_from_a_glommio_executor() {
         .unwrap();
     assert_eq!(done, b"from glommio");
 }
+
+#[test]
+fn keyfort_s3_exits_on_sigterm() {
+    let mut server = S3Server::start(&[]);
+    let pid = server.child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn store_handles_and_their_futures_cross_threads() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let dir = tempfile::tempdir().unwrap();
+    let store = DurableStore::open(dir.path().to_str().unwrap()).unwrap();
+    send_sync(&store);
+    let put = store.put_bytes_create("k", vec![1]);
+    send(&put);
+    let fetch = store.get_to_file("k", dir.path(), FetchOptions::default());
+    send(&fetch);
+    drop(fetch);
+    assert_eq!(block_on(put), Ok(PutOutcome::Created));
+    // the durable thread outlives the handle that made it, as long as a clone is alive
+    let clone = store.clone();
+    drop(store);
+    assert_eq!(block_on(clone.get_bytes("k")), Ok(vec![1]));
+}
