@@ -1,6 +1,7 @@
 //! keyfort-engine: the write-behind log, and (in later issues) the state machine, snapshots and
 //! recovery tiers. Everything here runs on glommio executors built by [`exec`].
 
+pub mod archive;
 pub mod cluster;
 pub mod compaction;
 pub mod exec;

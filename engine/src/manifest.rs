@@ -48,7 +48,9 @@ pub struct ShardSnapshot {
     pub object: String,
 }
 
-/// A sealed range `[from, to]` of one shard's committed log (the log archive).
+/// A sealed range `[from, to]` of one shard's committed log (the log archive, §9.3); it may
+/// begin at or before the LSN after the previous range (or the snapshot): a restore skips what
+/// it already has.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArchivedRange {
     pub shard: u32,
@@ -177,10 +179,13 @@ impl Manifest {
                 .shards
                 .get(a.shard as usize)
                 .ok_or(invalid("archive shard"))?;
-            let follows = match last {
-                Some((shard, to)) if shard == a.shard => a.from == to + 1,
-                _ => a.from == s.lsn + 1,
+            // Ranges sealed by different leaders may overlap; each must reach past the one
+            // before it (or the snapshot) and leave no LSN out.
+            let prev = match last {
+                Some((shard, to)) if shard == a.shard => to,
+                _ => s.lsn,
             };
+            let follows = a.from <= prev + 1 && a.to > prev;
             if !follows || a.to < a.from || !valid_object_name(&a.object) {
                 return Err(invalid(
                     "archived range (not contiguous after its snapshot)",

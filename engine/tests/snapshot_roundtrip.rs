@@ -223,10 +223,12 @@ proptest! {
         let path = snapshot::write_with(dir.path(), &s, &meta(&s), &card, &small_blocks()).unwrap();
         let before = std::fs::read(&path).unwrap();
         let unchecked = Snapshot::open_without_mac(&path).unwrap();
-        prop_assert!(snapshot::rewrite_membership(unchecked, &voters, &[], &card).is_err(), "unverified");
+        prop_assert!(snapshot::rewrite_membership(&unchecked, &voters, &[], &card).is_err(), "unverified");
+        drop(unchecked);
         let snap = Snapshot::open(&path, &card).unwrap();
         let footer_offset = snap.footer().footer_offset as usize;
-        snapshot::rewrite_membership(snap, &voters, &[], &card).unwrap();
+        snapshot::rewrite_membership(&snap, &voters, &[], &card).unwrap();
+        drop(snap);
         let after = std::fs::read(&path).unwrap();
         prop_assert_eq!(&before[..footer_offset], &after[..footer_offset]);
         let (snap, loaded) = open_state(&path, &card);

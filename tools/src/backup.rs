@@ -25,8 +25,9 @@
 
 use crate::cluster_cmd::{hex, shard_snapshot_dir};
 use crate::durable::{DurableStore, PutOutcome, StoreError};
+use keyfort_engine::archive::{parse_range_object, range_prefix};
 use keyfort_engine::manifest::{
-    manifest_name, manifest_seq, Manifest, ShardSnapshot, MANIFEST_DIR,
+    manifest_name, manifest_seq, ArchivedRange, Manifest, ShardSnapshot, MANIFEST_DIR,
 };
 use keyfort_engine::raft::Replica;
 use keyfort_engine::snapshot::{self, FooterMac, Snapshot};
@@ -41,6 +42,8 @@ pub const BACKUP_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 pub const MANIFESTS_KEPT_DEFAULT: usize = 8;
 /// Fewest manifests retention may keep (a restore always has one to fall back to).
 pub const MANIFESTS_KEPT_MIN: usize = 2;
+/// Manifests a round reads back, newest first, looking for one that verifies.
+pub const MANIFEST_READ_BACK: usize = 8;
 /// Folder of the snapshot objects in a backup root.
 pub const SNAPSHOT_DIR: &str = "snapshots";
 /// Folder of the fence objects in a backup root.
@@ -103,11 +106,26 @@ impl Default for BackupConfig {
     }
 }
 
+/// A manifest a round wrote.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub seq: u64,
+    pub name: String,
+    /// Per shard, the snapshot's LSN.
+    pub lsns: Vec<u64>,
+    /// Per shard, the LSN a restore from it reaches (the last archived range's, else the
+    /// snapshot's).
+    pub restorable: Vec<u64>,
+    pub unix_ms: u64,
+    /// Bytes this round uploaded (snapshots; the archive counts its own).
+    pub bytes: u64,
+}
+
 /// What the manager last did, for `status.json` and `keyfort cluster status`.
 #[derive(Clone, Debug, Default)]
 pub struct BackupStatus {
-    /// The newest manifest this node wrote: its sequence number, name, per-shard LSN and when.
-    pub last: Option<(u64, String, Vec<u64>, u64)>,
+    /// The newest manifest this node wrote.
+    pub last: Option<Written>,
     /// The last round's error, if it failed.
     pub error: Option<String>,
     /// The backup root holds a fence for this cluster: a restore replaced it.
@@ -118,15 +136,13 @@ pub struct BackupStatus {
 
 impl BackupStatus {
     pub fn to_json(&self) -> serde_json::Value {
-        let (seq, name, lsns, at) = match &self.last {
-            Some((s, n, l, t)) => (Some(*s), Some(n.clone()), l.clone(), Some(*t)),
-            None => (None, None, Vec::new(), None),
-        };
+        let w = self.last.as_ref();
         serde_json::json!({
-            "seq": seq,
-            "manifest": name,
-            "lsns": lsns,
-            "uploaded_unix_ms": at,
+            "seq": w.map(|w| w.seq),
+            "manifest": w.map(|w| w.name.clone()),
+            "lsns": w.map_or(Vec::new(), |w| w.lsns.clone()),
+            "restorable_lsns": w.map_or(Vec::new(), |w| w.restorable.clone()),
+            "uploaded_unix_ms": w.map(|w| w.unix_ms),
             "error": self.error,
             "fenced": self.fenced,
             "rounds": self.rounds,
@@ -169,17 +185,18 @@ impl Manager {
             let mut st = self.status.borrow_mut();
             st.rounds += 1;
             match r {
-                Ok(Some((seq, name, lsns, bytes))) => {
+                Ok(Some(w)) => {
                     tracing::info!(
-                        seq,
-                        manifest = %name,
-                        ?lsns,
-                        bytes,
+                        seq = w.seq,
+                        manifest = %w.name,
+                        lsns = ?w.lsns,
+                        restorable = ?w.restorable,
+                        bytes = w.bytes,
                         ms = t.elapsed().as_secs_f64() * 1e3,
                         "backup manifest written"
                     );
-                    st.last = Some((seq, name, lsns, now_unix_ms()));
-                    st.bytes_uploaded += bytes;
+                    st.bytes_uploaded += w.bytes;
+                    st.last = Some(w);
                     st.error = None;
                 }
                 Ok(None) => st.error = None,
@@ -201,8 +218,8 @@ impl Manager {
         }
     }
 
-    /// One round: `Some((seq, name, lsns, bytes uploaded))` when a manifest was written.
-    async fn round(&self) -> Result<Option<(u64, String, Vec<u64>, u64)>, Round> {
+    /// One round: what it wrote, if it wrote a manifest.
+    async fn round(&self) -> Result<Option<Written>, Round> {
         let f = |e: StoreError| Round::Failed(e.to_string());
         let fence = fence_object(&self.cluster_id);
         if self.store.head(&fence).await.map_err(f)?.is_some() {
@@ -216,17 +233,30 @@ impl Manager {
             return Ok(None);
         };
         let manifests = list_manifests(&self.store).await.map_err(f)?;
-        let previous = match manifests.last() {
-            Some((_, name)) => {
-                let b = self.store.get_bytes(name).await.map_err(f)?;
-                let m = Manifest::decode(&b, &*self.mac)
-                    .map_err(|e| Round::Failed(format!("{name}: {e}")))?;
+        // The newest manifest that verifies. Of this cluster and a higher term, it says this
+        // manager was deposed; of this cluster otherwise, its entries are kept where nothing
+        // newer exists here. Another cluster's (the one this cluster was restored from, whose
+        // sequence this one continues) lends nothing: this cluster's own snapshots, which the
+        // restore put in every data dir, and its own archive stand on their own.
+        let mut newest_valid = None;
+        for (_, name) in manifests.iter().rev().take(MANIFEST_READ_BACK) {
+            let b = self.store.get_bytes(name).await.map_err(f)?;
+            match Manifest::decode(&b, &*self.mac) {
+                Ok(m) => {
+                    newest_valid = Some(m);
+                    break;
+                }
+                Err(e) => tracing::warn!(manifest = %name, error = %e, "manifest passed over"),
+            }
+        }
+        let previous = match newest_valid {
+            Some(m) if m.cluster().is_ok_and(|c| c.cluster_id == self.cluster_id) => {
                 if m.shard0_term > term {
                     return Ok(None); // a newer manager wrote it: this one was deposed
                 }
                 Some(m)
             }
-            None => None,
+            _ => None,
         };
         let mut shards = Vec::with_capacity(replicas.len());
         let mut uploaded = 0;
@@ -253,6 +283,19 @@ impl Manager {
             };
             shards.push(entry);
         }
+        let mut archives = Vec::new();
+        for s in &shards {
+            let ranges = self.archives_after(s.shard, s.lsn).await.map_err(f)?;
+            let prev_to = previous.as_ref().and_then(|m| {
+                m.archives
+                    .iter()
+                    .filter(|a| a.shard == s.shard)
+                    .map(|a| a.to)
+                    .max()
+            });
+            changed |= ranges.last().map(|a| a.to) != prev_to;
+            archives.extend(ranges);
+        }
         if !changed {
             return Ok(None);
         }
@@ -263,7 +306,7 @@ impl Manager {
             shard0_term: term,
             cluster_config,
             shards,
-            archives: Vec::new(),
+            archives,
         };
         let bytes = m
             .encode(&*self.mac)
@@ -275,8 +318,25 @@ impl Manager {
             PutOutcome::AlreadyExists => return Ok(None),
         }
         self.retain(&manifests, &m).await.map_err(f)?;
-        let lsns = m.shards.iter().map(|s| s.lsn).collect();
-        Ok(Some((seq, name, lsns, uploaded)))
+        let restorable = m
+            .shards
+            .iter()
+            .map(|s| {
+                m.archives
+                    .iter()
+                    .filter(|a| a.shard == s.shard)
+                    .map(|a| a.to)
+                    .fold(s.lsn, u64::max)
+            })
+            .collect();
+        Ok(Some(Written {
+            seq,
+            name,
+            lsns: m.shards.iter().map(|s| s.lsn).collect(),
+            restorable,
+            unix_ms: m.created_unix_ms,
+            bytes: uploaded,
+        }))
     }
 
     /// Verifies the snapshot at `path` (every check and the MAC), hashes it and uploads it
@@ -330,6 +390,44 @@ impl Manager {
         ))
     }
 
+    /// The archived ranges in the store that continue shard `shard`'s log after `lsn` without a
+    /// gap, each reaching furthest among those that join (ranges of different leaders may
+    /// overlap).
+    async fn archives_after(&self, shard: u32, lsn: u64) -> Result<Vec<ArchivedRange>, StoreError> {
+        let listed = self
+            .store
+            .list(&range_prefix(&self.cluster_id, shard))
+            .await?;
+        let ranges: Vec<(u64, u64, u64, String, u64)> = listed
+            .into_iter()
+            .filter_map(|(name, size)| {
+                let (s, from, to, hash) = parse_range_object(&name)?;
+                (s == shard).then_some((from, to, hash, name, size))
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut at = lsn;
+        while let Some((from, to, hash, name, size)) = ranges
+            .iter()
+            .filter(|r| r.0 <= at + 1 && r.1 > at)
+            .max_by_key(|r| r.1)
+        {
+            out.push(ArchivedRange {
+                shard,
+                from: *from,
+                to: *to,
+                bytes: *size,
+                file_hash: *hash,
+                object: name.clone(),
+            });
+            at = *to;
+            if out.len() >= keyfort_engine::manifest::ARCHIVES_MAX / 2 {
+                break; // a manifest's bound; the next round goes on from a newer snapshot
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes the manifests beyond the newest `manifests_kept` (counting `newest`, just
     /// written), then every object they named that no kept manifest names.
     async fn retain(&self, before: &[(u64, String)], newest: &Manifest) -> Result<(), StoreError> {
@@ -341,8 +439,8 @@ impl Manager {
         let mut referenced: std::collections::HashSet<String> = newest.objects().collect();
         for (_, name) in kept {
             let b = self.store.get_bytes(name).await?;
-            // A kept manifest that does not decode still protects nothing: it is not a restore
-            // point. Its objects are not deleted either (the names are unknown).
+            // A kept manifest that does not decode is no restore point and protects nothing:
+            // its names are unknown, so objects it shares with a deleted manifest go.
             if let Ok((m, _)) = Manifest::decode_unverified(&b) {
                 referenced.extend(m.objects());
             }

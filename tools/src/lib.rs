@@ -1,6 +1,7 @@
 //! keyfort-tools: the `keyfortd` node and the `keyfort` CLI. Each subcommand family lives in its
 //! own module; the binaries only parse arguments and dispatch.
 
+pub mod archive;
 pub mod backup;
 pub mod card;
 pub mod client_cmd;

@@ -379,8 +379,24 @@ async fn node(
         }
     }
     let backup = Rc::new(RefCell::new(crate::backup::BackupStatus::default()));
+    let mut archives = Vec::new();
     if let Some(url) = &cfg.durable_store {
         let store = crate::durable::DurableStore::open(url).map_err(|e| e.to_string())?;
+        for r in replicas.borrow().iter() {
+            r.gate_release_on_archive(true);
+            let status = Rc::new(RefCell::new(crate::archive::ArchiveStatus::default()));
+            archives.push(status.clone());
+            let archiver = Rc::new(crate::archive::Archiver {
+                cluster_id: cluster.cluster_id,
+                replica: r.clone(),
+                store: store.clone(),
+                mac: session.clone(),
+                status,
+            });
+            glommio::spawn_local_into(archiver.run(), queues.background)
+                .map_err(|e| e.to_string())?
+                .detach();
+        }
         let defaults = crate::backup::BackupConfig::default();
         let manager = Rc::new(crate::backup::Manager {
             cluster_id: cluster.cluster_id,
@@ -459,6 +475,7 @@ async fn node(
             cfg.durable_store
                 .is_some()
                 .then(|| backup.borrow().to_json()),
+            &archives,
         )?;
         if let Some(e) = replicas.borrow().iter().find_map(|r| r.failed()) {
             return Err(format!("a shard replica stopped: {e}"));
@@ -624,10 +641,13 @@ fn write_status(
     replicas: &[Rc<Replica>],
     latency: &hdrhistogram::Histogram<u64>,
     backup: Option<serde_json::Value>,
+    archives: &[Rc<RefCell<crate::archive::ArchiveStatus>>],
 ) -> crate::CmdResult {
     let shards: Vec<serde_json::Value> = replicas
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
+            let archive = archives.get(i).map(|a| a.borrow().to_json());
             r.with_core(|c| {
                 serde_json::json!({
                     "shard": c.shard(),
@@ -643,6 +663,7 @@ fn write_status(
                     "voters": c.conf_state().voters,
                     "learners": c.conf_state().learners,
                     "appends_dropped": c.appends_dropped(),
+                    "archive": archive,
                 })
             })
         })

@@ -27,13 +27,15 @@ use crate::backup::{fence_object, list_manifests};
 use crate::card::CardAt;
 use crate::cluster_cmd::{hex, shard_snapshot_dir, shard_wbl_dir};
 use crate::durable::{DurableStore, FetchOptions, PutOutcome, StoreError};
+use keyfort_engine::archive::LogRange;
 use keyfort_engine::cluster::{
     write_durable, ClusterConfig, Identity, Member, CLUSTER_CONFIG_FILE, IDENTITY_FILE,
 };
 use keyfort_engine::manifest::{manifest_name, manifest_seq, Manifest};
 use keyfort_engine::snapshot::{self, Snapshot};
-use keyfort_engine::state::Op;
-use keyfort_engine::wbl::{HardState, Wbl, WblOptions};
+use keyfort_engine::state::{Op, StateDigest, StateMachine};
+use keyfort_engine::wbl::record::chain_next;
+use keyfort_engine::wbl::{HardState, RecordKind, Wbl, WblOptions};
 use keyfort_hsm::CoreSession;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -57,10 +59,14 @@ pub struct RestoreArgs {
     /// A card of the cluster's realm (user PIN from the environment).
     #[command(flatten)]
     pub card: CardAt,
-    /// `HOST:PORT=DATA_DIR` of each member of the new cluster: its peer address and a data dir
-    /// that holds no node identity. Raft ids are given in this order.
-    #[arg(long = "node", required = true)]
+    /// `HOST:PORT=DATA_DIR` of each member of the new cluster: its peer address (an IP
+    /// literal) and a data dir that holds no node identity. Raft ids are given in this order.
+    #[arg(long = "node")]
     pub nodes: Vec<String>,
+    /// Restore only a manifest of this cluster (32 hex digits): refuses a backup root that
+    /// holds another cluster's newer manifests.
+    #[arg(long)]
+    pub cluster_id: Option<String>,
     /// List the manifests in the store (sequence, time, term, LSN per shard, complete or not)
     /// and exit.
     #[arg(long)]
@@ -80,6 +86,8 @@ pub struct Restored {
     pub data_dirs: Vec<PathBuf>,
     /// Per shard: the manifest's entry.
     pub shards: Vec<keyfort_engine::manifest::ShardSnapshot>,
+    /// Per shard: what was restored beyond the snapshot.
+    pub restored: Vec<RestoredShard>,
     /// Newer manifests passed over, and why.
     pub skipped: Vec<(String, String)>,
     pub fetched_bytes: u64,
@@ -98,10 +106,13 @@ impl Restored {
             "nodes": self.cluster.members.iter().zip(&self.data_dirs).map(|(m, d)| serde_json::json!({
                 "node_id": m.node_id, "peer_addr": m.peer_addr, "data_dir": d,
             })).collect::<Vec<_>>(),
-            "shards": self.shards.iter().map(|s| serde_json::json!({
+            "shards": self.shards.iter().zip(&self.restored).map(|(s, r)| serde_json::json!({
                 "shard": s.shard, "lsn": s.lsn, "term": s.term,
                 "digest": format!("{:032x}", s.digest.0), "keys": s.key_count, "bytes": s.bytes,
                 "object": s.object,
+                "restored_lsn": r.restored_lsn,
+                "records_replayed": r.records_replayed,
+                "new_digest": format!("{:032x}", r.digest.0),
             })).collect::<Vec<_>>(),
             "skipped": self.skipped.iter().map(|(m, why)| serde_json::json!({"manifest": m, "reason": why})).collect::<Vec<_>>(),
             "fetched_bytes": self.fetched_bytes,
@@ -110,6 +121,18 @@ impl Restored {
             "total_ms": self.total_ms,
         })
     }
+}
+
+fn parse_cluster_id(s: &str) -> Result<[u8; 16], String> {
+    let bad = || format!("--cluster-id {s:?}: expected 32 hex digits");
+    if s.len() != 32 {
+        return Err(bad());
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(id)
 }
 
 fn parse_node(s: &str) -> Result<(String, PathBuf), String> {
@@ -131,7 +154,17 @@ pub fn run(args: RestoreArgs) -> crate::CmdResult {
         .iter()
         .map(|n| parse_node(n))
         .collect::<Result<Vec<_>, _>>()?;
-    let r = restore(&store, args.manifest.as_deref(), &args.card, &nodes)?;
+    let cluster_id = match &args.cluster_id {
+        Some(h) => Some(parse_cluster_id(h)?),
+        None => None,
+    };
+    let r = restore(
+        &store,
+        args.manifest.as_deref(),
+        cluster_id.as_ref(),
+        &args.card,
+        &nodes,
+    )?;
     if args.json {
         println!("{}", r.to_json());
         return Ok(());
@@ -147,10 +180,20 @@ pub fn run(args: RestoreArgs) -> crate::CmdResult {
     for (m, why) in &r.skipped {
         println!("  passed over {m}: {why}");
     }
-    for s in &r.shards {
+    for (s, x) in r.shards.iter().zip(&r.restored) {
         println!(
-            "  shard {}: lsn {} (term {}), {} keys, digest {:032x}, {} bytes",
-            s.shard, s.lsn, s.term, s.key_count, s.digest.0, s.bytes
+            "  shard {}: restored to lsn {} = snapshot at lsn {} ({} keys, digest {:032x}, {} \
+             bytes) + {} archived records; the new cluster's first record is lsn {}, digest \
+             {:032x} once applied",
+            s.shard,
+            x.restored_lsn,
+            s.lsn,
+            s.key_count,
+            s.digest.0,
+            s.bytes,
+            x.records_replayed,
+            x.restored_lsn + 1,
+            x.digest.0
         );
     }
     for (m, d) in r.cluster.members.iter().zip(&r.data_dirs) {
@@ -222,6 +265,7 @@ fn missing_object(m: &Manifest, sizes: &std::collections::HashMap<String, u64>) 
 pub fn restore(
     store: &DurableStore,
     named: Option<&str>,
+    cluster_id: Option<&[u8; 16]>,
     card: &CardAt,
     nodes: &[(String, PathBuf)],
 ) -> Result<Restored, String> {
@@ -237,37 +281,47 @@ pub fn restore(
             ));
         }
     }
+    // A restore that fails leaves no data dir it made behind (a rerun starts clean); data
+    // dirs that existed (empty, or with other files) are left as they are, but for the
+    // staging folder.
+    let fresh: Vec<PathBuf> = nodes
+        .iter()
+        .filter(|(_, d)| !d.exists())
+        .map(|(_, d)| d.clone())
+        .collect();
     let staging = nodes[0].1.join(RESTORE_STAGING_DIR);
-    std::fs::create_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+    let r = restore_into(store, named, cluster_id, card, nodes, &staging, t0);
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+        for d in &fresh {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    r
+}
+
+fn restore_into(
+    store: &DurableStore,
+    named: Option<&str>,
+    cluster_id: Option<&[u8; 16]>,
+    card: &CardAt,
+    nodes: &[(String, PathBuf)],
+    staging: &Path,
+    t0: Instant,
+) -> Result<Restored, String> {
+    std::fs::create_dir_all(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
     let mut session = card.session_without_integrity_key()?;
     // Phase 1: the manifest (metadata only; no snapshot byte is fetched before the card
     // accepted the realm and the MAC verified).
     let s = |e: StoreError| e.to_string();
-    let (name, bytes, skipped) = choose_manifest(store, named)?;
-    let (m, _) = Manifest::decode_unverified(&bytes).map_err(|e| format!("{name}: {e}"))?;
-    let old = m.cluster().map_err(|e| format!("{name}: {e}"))?;
-    session
-        .import_integrity_key(&old.integrity_key_wrapped)
-        .map_err(|e| {
-            format!(
-                "{name}: the card refuses the cluster's integrity key, nothing was fetched: {e}"
-            )
-        })?;
-    let m = Manifest::decode(&bytes, &session).map_err(|e| format!("{name}: {e}"))?;
-    if !m.archives.is_empty() {
-        return Err(format!(
-            "{name} names {} archived log ranges; this keyfort cannot replay archived ranges \
-             yet and will not restore short of what the manifest promises",
-            m.archives.len()
-        ));
-    }
+    let (m, name, old, skipped) = verified_manifest(store, named, cluster_id, &mut session)?;
     let manifest_ms = ms(t0);
     let session = Rc::new(session);
-    let out = keyfort_engine::exec::run_local(&staging, |_| {
-        fetch_verify_write(store, &m, &old, &session, &staging, nodes)
+    let out = keyfort_engine::exec::run_local(staging, |_| {
+        fetch_verify_write(store, &m, &old, &session, staging, nodes)
     })
     .map_err(|e| e.to_string())??;
-    let _ = std::fs::remove_dir_all(&staging);
+    let _ = std::fs::remove_dir_all(staging);
     // Phase 5: the fence. The new cluster stands already; a fence that cannot be written is
     // reported, not a failure of the restore.
     let fence = fence_object(&old.cluster_id);
@@ -289,6 +343,7 @@ pub fn restore(
         cluster: out.cluster,
         data_dirs: nodes.iter().map(|(_, d)| d.clone()).collect(),
         shards: out.manifest.shards,
+        restored: out.restored,
         skipped,
         fetched_bytes: out.fetched_bytes,
         resumed_parts: out.resumed_parts,
@@ -301,18 +356,18 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// The manifest to restore: the named one, or the newest whose objects all exist with their
-/// sizes (newer incomplete ones are passed over, with the reason). Returns its name, bytes
-/// and the skipped ones.
+/// The manifests a restore may use, best first: the named one, or every one whose objects all
+/// exist with their sizes, newest first (incomplete ones are passed over, with the reason).
+/// Returns `(name, bytes)` of each and the ones passed over.
 #[allow(clippy::type_complexity)]
-fn choose_manifest(
+fn candidate_manifests(
     store: &DurableStore,
     named: Option<&str>,
-) -> Result<(String, Vec<u8>, Vec<(String, String)>), String> {
+) -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, String)>), String> {
     let s = |e: StoreError| e.to_string();
     let sizes: std::collections::HashMap<String, u64> =
         block_on(store.list("")).map_err(s)?.into_iter().collect();
-    let candidates: Vec<String> = match named {
+    let names: Vec<String> = match named {
         Some(n) => {
             let name = match n.parse::<u64>() {
                 Ok(seq) => manifest_name(seq),
@@ -333,11 +388,11 @@ fn choose_manifest(
             .map(|(_, n)| n)
             .collect(),
     };
-    if candidates.is_empty() {
+    if names.is_empty() {
         return Err(format!("{}: no manifest in the store", store.url()));
     }
-    let mut skipped = Vec::new();
-    for name in candidates {
+    let (mut complete, mut skipped) = (Vec::new(), Vec::new());
+    for name in names {
         let bytes = match block_on(store.get_bytes(&name)) {
             Ok(b) => b,
             Err(e) if named.is_some() => return Err(e.to_string()),
@@ -348,8 +403,15 @@ fn choose_manifest(
         };
         let why = match Manifest::decode_unverified(&bytes) {
             Err(e) => e.to_string(),
+            Ok((m, _)) if Some(m.seq) != manifest_seq(&name) => format!(
+                "it says it is manifest {}: a copy under another name",
+                m.seq
+            ),
             Ok((m, _)) => match missing_object(&m, &sizes) {
-                None => return Ok((name, bytes, skipped)),
+                None => {
+                    complete.push((name, bytes));
+                    continue;
+                }
                 Some(why) => why,
             },
         };
@@ -358,8 +420,56 @@ fn choose_manifest(
         }
         skipped.push((name, why));
     }
+    if complete.is_empty() {
+        return Err(format!(
+            "no complete manifest in {}: {}",
+            store.url(),
+            skipped
+                .iter()
+                .map(|(m, w)| format!("{m}: {w}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    Ok((complete, skipped))
+}
+
+/// Phase 1: the first candidate whose realm the card accepts (a card of another realm stops
+/// the restore: nothing is fetched), whose MAC verifies and, with `--cluster-id`, of that
+/// cluster. Returns the manifest, its name and every one passed over.
+#[allow(clippy::type_complexity)]
+fn verified_manifest(
+    store: &DurableStore,
+    named: Option<&str>,
+    cluster_id: Option<&[u8; 16]>,
+    session: &mut CoreSession,
+) -> Result<(Manifest, String, ClusterConfig, Vec<(String, String)>), String> {
+    let (candidates, mut skipped) = candidate_manifests(store, named)?;
+    for (name, bytes) in candidates {
+        let (m, _) = Manifest::decode_unverified(&bytes).map_err(|e| format!("{name}: {e}"))?;
+        let old = m.cluster().map_err(|e| format!("{name}: {e}"))?;
+        session
+            .import_integrity_key(&old.integrity_key_wrapped)
+            .map_err(|e| {
+                format!(
+                    "{name}: the card refuses the cluster's integrity key, nothing was fetched: \
+                     {e}"
+                )
+            })?;
+        let why = match Manifest::decode(&bytes, &*session) {
+            Err(e) => e.to_string(),
+            Ok(_) if cluster_id.is_some_and(|c| *c != old.cluster_id) => {
+                format!("of cluster {}, not the one asked for", hex(&old.cluster_id))
+            }
+            Ok(m) => return Ok((m, name, old, skipped)),
+        };
+        if named.is_some() {
+            return Err(format!("{name}: {why}"));
+        }
+        skipped.push((name, why));
+    }
     Err(format!(
-        "no complete manifest in {}: {}",
+        "no manifest in {} verifies: {}",
         store.url(),
         skipped
             .iter()
@@ -369,9 +479,24 @@ fn choose_manifest(
     ))
 }
 
+/// One shard of a restore beyond its snapshot.
+#[derive(Clone, Debug)]
+pub struct RestoredShard {
+    /// The last LSN restored: the snapshot's, or the last archived one replayed after it.
+    pub restored_lsn: u64,
+    /// Its term.
+    pub last_term: u64,
+    /// Archived records written after the snapshot.
+    pub records_replayed: u64,
+    /// The state digest every node reports once it applied the restore record (at
+    /// `restored_lsn + 1`).
+    pub digest: StateDigest,
+}
+
 struct Written {
     manifest: Manifest,
     cluster: ClusterConfig,
+    restored: Vec<RestoredShard>,
     fetched_bytes: u64,
     resumed_parts: u64,
     phases_ms: Vec<(&'static str, f64)>,
@@ -455,11 +580,28 @@ async fn fetch_verify_write(
         snaps.push(snap);
     }
     let verify_ms = ms(t);
-    // Phase 4: the new cluster.
+    // Phase 3b: the archived ranges after each snapshot — fetched, checked (size, hash, MAC,
+    // and that their chain links to the snapshot's and to each other), in LSN order.
     let t = Instant::now();
+    let tails = archived_tails(store, m, &snaps, session).await?;
+    fetched_bytes += m.archives.iter().map(|a| a.bytes).sum::<u64>();
+    let archive_ms = ms(t);
+    // Phase 4: the new cluster. Its ids start above every id the old cluster gave, counting
+    // admissions in the archived ranges.
+    let t = Instant::now();
+    let mut next_node_id = old.next_node_id;
+    for r in tails.iter().flatten() {
+        if let (RecordKind::ClusterConfig, Ok(Op::ClusterConfig { config })) =
+            (r.kind, Op::decode(r.kind, &r.payload))
+        {
+            if let Ok(c) = ClusterConfig::decode(&config) {
+                next_node_id = next_node_id.max(c.next_node_id);
+            }
+        }
+    }
     let members: Vec<Member> = nodes
         .iter()
-        .zip(old.next_node_id..)
+        .zip(next_node_id..)
         .map(|((addr, _), node_id)| Member {
             node_id,
             peer_addr: addr.clone(),
@@ -468,20 +610,41 @@ async fn fetch_verify_write(
     let cluster = ClusterConfig {
         cluster_id: rand::random(),
         shard_count: old.shard_count,
-        next_node_id: old.next_node_id + nodes.len() as u64,
+        next_node_id: next_node_id + nodes.len() as u64,
         members,
         integrity_key_wrapped: old.integrity_key_wrapped.clone(),
     };
     let config = cluster.encode().map_err(|e| e.to_string())?;
     let voters: Vec<u64> = cluster.members.iter().map(|m| m.node_id).collect();
-    let mut footers = Vec::new();
-    for snap in snaps {
-        footers.push(snap.footer().clone());
-        snapshot::rewrite_membership(snap, &voters, &[], &**session).map_err(|e| e.to_string())?;
-    }
     let record = Op::ClusterRestore {
         config: config.clone(),
     };
+    let mut footers = Vec::new();
+    let mut restored = Vec::new();
+    for (snap, tail) in snaps.into_iter().zip(&tails) {
+        let f = snap.footer().clone();
+        snapshot::rewrite_membership(&snap, &voters, &[], &**session).map_err(|e| e.to_string())?;
+        // What every node will hold once it applied the restore record: the state after the
+        // archived records and the record, from the snapshot (keys read through its index).
+        let mut state = StateMachine::from_snapshot(std::sync::Arc::new(snap));
+        for r in tail {
+            let (kind, payload) = as_written(r);
+            state
+                .apply(r.lsn, kind, payload)
+                .map_err(|e| format!("replaying archived lsn {}: {e}", r.lsn))?;
+        }
+        let last = tail.last().map_or((f.lsn, f.term), |r| (r.lsn, r.term));
+        state
+            .apply(last.0 + 1, record.kind(), &record.encode())
+            .map_err(|e| e.to_string())?;
+        restored.push(RestoredShard {
+            restored_lsn: last.0,
+            last_term: last.1,
+            records_replayed: tail.len() as u64,
+            digest: state.digest(),
+        });
+        footers.push(f);
+    }
     let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     for ((_, dir), member) in nodes.iter().zip(&cluster.members) {
         let s = |e: keyfort_engine::cluster::ClusterError| e.to_string();
@@ -509,14 +672,26 @@ async fn fetch_verify_write(
             wbl.reset_to(f.lsn + 1, f.chain_head, f.term)
                 .await
                 .map_err(w)?;
-            wbl.append(record.kind(), f.lsn + 1, f.term + 1, record.encode())
+            for r in &tails[shard as usize] {
+                // The old cluster's membership changes and archive marks are not the new
+                // cluster's: each keeps its LSN and term as an empty entry.
+                let (kind, payload) = as_written(r);
+                // Durable with the restore record after them (one group commit).
+                drop(
+                    wbl.append(kind, r.lsn, r.term, payload.to_vec())
+                        .map_err(w)?,
+                );
+            }
+            let rs = &restored[shard as usize];
+            let (at, term) = (rs.restored_lsn + 1, rs.last_term + 1);
+            wbl.append(record.kind(), at, term, record.encode())
                 .map_err(w)?
                 .await
                 .map_err(w)?;
             wbl.set_hard_state(HardState {
-                term: f.term + 1,
+                term,
                 vote: 0,
-                commit: f.lsn + 1,
+                commit: at,
             })
             .map_err(w)?
             .await
@@ -534,12 +709,131 @@ async fn fetch_verify_write(
     Ok(Written {
         manifest: m.clone(),
         cluster,
+        restored,
         fetched_bytes,
         resumed_parts,
         phases_ms: vec![
             ("fetch", fetch_ms),
             ("verify", verify_ms),
+            ("archive", archive_ms),
             ("write", write_ms),
         ],
     })
+}
+
+/// Records of the old cluster that a restore writes as empty entries: its raft membership
+/// changes (the new cluster has other members) and its archive marks (the new cluster archives
+/// its own log, from its snapshots on).
+fn old_cluster_only(kind: RecordKind) -> bool {
+    matches!(
+        kind,
+        RecordKind::RaftConfChange | RecordKind::RaftConfChangeV2 | RecordKind::ArchiveMark
+    )
+}
+
+/// The kind and payload a restore writes for an archived record ([`old_cluster_only`] ones
+/// become empty `RaftNoop` entries at their LSN and term).
+fn as_written(r: &TailRecord) -> (RecordKind, &[u8]) {
+    if old_cluster_only(r.kind) {
+        (RecordKind::RaftNoop, &[])
+    } else {
+        (r.kind, &r.payload)
+    }
+}
+
+/// One archived record a restore writes after its shard's snapshot.
+#[derive(Clone, Debug)]
+pub struct TailRecord {
+    pub lsn: u64,
+    pub kind: RecordKind,
+    pub term: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Fetches the manifest's archived ranges (in parallel) and checks each: size and hash, MAC,
+/// the LSNs the manifest says, and the WBL chain: recomputed over its records it must meet the
+/// snapshot's footer chain (or the previous range's) at the LSN they share. Returns, per shard,
+/// the records after its snapshot in LSN order.
+async fn archived_tails(
+    store: &DurableStore,
+    m: &Manifest,
+    snaps: &[Snapshot],
+    session: &Rc<CoreSession>,
+) -> Result<Vec<Vec<TailRecord>>, String> {
+    let fetches: Vec<_> = m
+        .archives
+        .iter()
+        .map(|a| {
+            let (store, object) = (store.clone(), a.object.clone());
+            glommio::spawn_local(async move { store.get_bytes(&object).await })
+        })
+        .collect();
+    let mut tails = vec![Vec::new(); m.shards.len()];
+    let mut at: Vec<(u64, u64)> = snaps
+        .iter()
+        .map(|s| (s.footer().lsn, s.footer().chain_head))
+        .collect();
+    for (a, fetch) in m.archives.iter().zip(fetches) {
+        let bad = |what: String| {
+            format!(
+                "archived range {} (shard {}) does not match manifest {}: {what}; it was \
+                 altered or damaged in the store",
+                a.object,
+                a.shard,
+                manifest_name(m.seq)
+            )
+        };
+        let b = fetch.await.map_err(|e| format!("{}: {e}", a.object))?;
+        let hash = xxhash_rust::xxh3::xxh3_64(&b);
+        if b.len() as u64 != a.bytes || hash != a.file_hash {
+            return Err(bad(format!(
+                "{} bytes hashing to {hash:016x}, expected {} bytes hashing to {:016x}",
+                b.len(),
+                a.bytes,
+                a.file_hash
+            )));
+        }
+        let range = LogRange::decode(&b, &**session).map_err(|e| bad(e.to_string()))?;
+        if (range.shard, range.from, range.to()) != (a.shard, a.from, a.to) {
+            return Err(bad(format!(
+                "it holds shard {} lsns {}..={}",
+                range.shard,
+                range.from,
+                range.to()
+            )));
+        }
+        let (lsn, chain) = &mut at[a.shard as usize];
+        if range.from == *lsn + 1 && range.base_chain != *chain {
+            return Err(bad(format!(
+                "it does not continue the log before it (chain {:016x} at lsn {lsn}, it starts \
+                 from {:016x})",
+                *chain, range.base_chain
+            )));
+        }
+        let mut c = range.base_chain;
+        for (i, r) in range.records.into_iter().enumerate() {
+            let l = range.from + i as u64;
+            c = chain_next(c, r.kind, l, r.term, &r.payload);
+            if l < *lsn {
+                continue;
+            }
+            if l == *lsn {
+                if c != *chain {
+                    return Err(bad(format!(
+                        "its chain at lsn {l} is {c:016x}, the log before it says {:016x}",
+                        *chain
+                    )));
+                }
+                continue;
+            }
+            tails[a.shard as usize].push(TailRecord {
+                lsn: l,
+                kind: r.kind,
+                term: r.term,
+                payload: r.payload,
+            });
+            (*lsn, *chain) = (l, c);
+        }
+    }
+    Ok(tails)
 }

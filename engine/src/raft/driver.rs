@@ -149,6 +149,8 @@ pub struct Replica {
     compacting: Cell<bool>,
     /// (min, max) log entries kept below the applied index at a compaction.
     retention: Cell<(u64, u64)>,
+    /// Release the log only below the archive watermark (`StateMachine::archived_lsn`).
+    archive_gate: Cell<bool>,
 }
 
 /// Where a follower fetches snapshot files from, where it keeps them, and the card that
@@ -185,6 +187,7 @@ impl Replica {
             verified: RefCell::new(None),
             compacting: Cell::new(false),
             retention: Cell::new((RETAIN_LOG_ENTRIES_MIN, RETAIN_LOG_ENTRIES_MAX)),
+            archive_gate: Cell::new(false),
         })
     }
 
@@ -250,6 +253,12 @@ impl Replica {
                         retain = retain.min(pr.matched + 1);
                     }
                 }
+            }
+            if self.archive_gate.get() {
+                // Not yet archived: kept, up to the same most-kept bound (`floor`) as for a
+                // lagging follower, so a store that stays down cannot fill the disk; beyond it
+                // the archive has a gap and the RPO falls back to the manifests' snapshots.
+                retain = retain.min(c.state_machine().archived_lsn() + 1);
             }
             let ctx = crate::compaction::CompactionContext {
                 voters: conf.voters.clone(),
@@ -318,6 +327,12 @@ impl Replica {
     /// dropped and the follower stays behind).
     pub fn enable_snapshots(&self, setup: SnapshotSetup) {
         *self.snapshots.borrow_mut() = Some(setup);
+    }
+
+    /// Releases the log at a compaction only below the archive watermark (the durable store's
+    /// log archive is on), within the most-kept bound of [`Self::set_log_retention`].
+    pub fn gate_release_on_archive(&self, on: bool) {
+        self.archive_gate.set(on);
     }
 
     /// Log entries kept below the applied index at a compaction: at least `min`, and on the

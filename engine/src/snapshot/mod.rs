@@ -187,9 +187,10 @@ pub fn write_with(
 /// file is cut at its footer and a new footer naming `voters` and `learners`, MACed with `mac`,
 /// is written and fsynced. The sections (and so the chain over them, the digest and every
 /// count) are untouched. The durable tier uses it: a restored cluster's members have new raft
-/// ids. Consumes the snapshot: its open file no longer describes the bytes on disk.
+/// ids. `snap` stays usable for reads (its sections did not move); its in-memory footer is the
+/// old one: open the file again to see the new.
 pub fn rewrite_membership(
-    snap: Snapshot,
+    snap: &Snapshot,
     voters: &[u64],
     learners: &[u64],
     mac: &dyn FooterMac,
@@ -211,7 +212,6 @@ pub fn rewrite_membership(
     footer.learners = learners.to_vec();
     let body = footer.encode_body();
     let tag = mac.mac(&body).map_err(|e| SnapshotError::card(&path, e))?;
-    drop(snap);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&path)

@@ -160,6 +160,8 @@ pub enum OutcomeCode {
     Ignored = 9,
     /// LSN at or below the applied LSN: replay of a record already in the state; nothing done.
     AlreadyApplied = 10,
+    /// An archive watermark was noted (`StateMachine::archived_lsn`).
+    ArchiveMarked = 11,
     KeyExists = 64,
     NoSuchKey = 65,
     NoSuchPartition = 66,
@@ -179,7 +181,7 @@ pub enum OutcomeCode {
 }
 
 impl OutcomeCode {
-    const ALL: [OutcomeCode; 20] = [
+    const ALL: [OutcomeCode; 21] = [
         OutcomeCode::Created,
         OutcomeCode::Updated,
         OutcomeCode::Rotated,
@@ -190,6 +192,7 @@ impl OutcomeCode {
         OutcomeCode::CheckpointNoted,
         OutcomeCode::Ignored,
         OutcomeCode::AlreadyApplied,
+        OutcomeCode::ArchiveMarked,
         OutcomeCode::KeyExists,
         OutcomeCode::NoSuchKey,
         OutcomeCode::NoSuchPartition,
@@ -377,6 +380,10 @@ pub struct StateMachine {
     idempotency_window_lsns: u64,
     lsn_applied: u64,
     digest: StateDigest,
+    /// The archive watermark applied so far (docs/format.md §3.12): node-local knowledge, not
+    /// part of the digest nor of snapshots (0 after a start from a snapshot, until the next
+    /// mark is applied — the safe direction: the log is kept).
+    archived_lsn: u64,
 }
 
 impl std::fmt::Debug for StateMachine {
@@ -435,6 +442,7 @@ impl StateMachine {
             idempotency_window_lsns: window_lsns,
             lsn_applied: 0,
             digest: StateDigest::default(),
+            archived_lsn: 0,
         }
     }
 
@@ -454,6 +462,10 @@ impl StateMachine {
 
     pub fn lsn_applied(&self) -> u64 {
         self.lsn_applied
+    }
+    /// The highest LSN an applied `ArchiveMark` says the durable store holds (0: none known).
+    pub fn archived_lsn(&self) -> u64 {
+        self.archived_lsn
     }
     pub fn digest(&self) -> StateDigest {
         self.digest
@@ -828,6 +840,11 @@ impl StateMachine {
                 Outcome::of(OutcomeCode::PartitionCreated)
             }
             Op::PartitionDelete { partition } => self.delete_partition(partition)?,
+            Op::ArchiveMark { to } => {
+                // A mark never names more than the log holds where it stands.
+                self.archived_lsn = self.archived_lsn.max(to.min(lsn));
+                Outcome::of(OutcomeCode::ArchiveMarked)
+            }
             Op::KeyPut(p) => self.key_put(lsn, p)?,
             Op::KeyDelete {
                 partition, key_id, ..

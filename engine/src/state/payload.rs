@@ -118,6 +118,10 @@ pub enum Op {
     ClusterRestore {
         config: Vec<u8>,
     },
+    /// The shard leader archived the committed log up to `to` (docs/format.md §3.12).
+    ArchiveMark {
+        to: u64,
+    },
 }
 
 impl Op {
@@ -130,6 +134,7 @@ impl Op {
             Op::KeyDelete { .. } => RecordKind::KeyDelete,
             Op::Checkpoint(_) => RecordKind::Checkpoint,
             Op::ClusterRestore { .. } => RecordKind::ClusterRestore,
+            Op::ArchiveMark { .. } => RecordKind::ArchiveMark,
         }
     }
 
@@ -163,6 +168,7 @@ impl Op {
                 w.extend_from_slice(&partition.0);
                 w.extend_from_slice(&key_id.0);
             }
+            Op::ArchiveMark { to } => w.extend_from_slice(&to.to_le_bytes()),
             Op::Checkpoint(c) => {
                 w.extend_from_slice(&c.lsn_covered.to_le_bytes());
                 w.extend_from_slice(&c.chain_head.to_le_bytes());
@@ -192,6 +198,9 @@ impl Op {
             },
             RecordKind::ClusterRestore => Op::ClusterRestore {
                 config: r.bytes32("config", CLUSTER_CONFIG_BYTES_MAX)?,
+            },
+            RecordKind::ArchiveMark => Op::ArchiveMark {
+                to: r.u64("archived to")?,
             },
             RecordKind::PartitionCreate => Op::PartitionCreate {
                 partition: PartitionId(r.array("partition id")?),
@@ -264,6 +273,7 @@ fn kind_name(kind: RecordKind) -> &'static str {
         RecordKind::KeyDelete => "key delete payload",
         RecordKind::Checkpoint => "checkpoint payload",
         RecordKind::ClusterRestore => "cluster restore payload",
+        RecordKind::ArchiveMark => "archive mark payload",
         _ => "raft payload",
     }
 }

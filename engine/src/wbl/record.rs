@@ -30,10 +30,13 @@ pub enum RecordKind {
     /// The first record of a cluster restored from the durable store: its new cluster config
     /// (new cluster id and members), replacing the restored state's.
     ClusterRestore = 22,
+    /// The shard's log is archived in the durable store up to the LSN it names (the archive
+    /// watermark, docs/format.md §3.12).
+    ArchiveMark = 23,
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 11] = [
+    pub const ALL: [RecordKind; 12] = [
         RecordKind::RaftNoop,
         RecordKind::RaftConfChange,
         RecordKind::RaftConfChangeV2,
@@ -45,6 +48,7 @@ impl RecordKind {
         RecordKind::KeyDelete,
         RecordKind::Checkpoint,
         RecordKind::ClusterRestore,
+        RecordKind::ArchiveMark,
     ];
 
     pub fn from_u8(v: u8) -> Option<RecordKind> {
