@@ -105,10 +105,14 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long the manager gets to upload a manifest covering the load.
 const BACKUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a client writes before the disaster (the RPO is measured on its keys).
+const WRITES_BEFORE_DISASTER: Duration = Duration::from_secs(3);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// S3 bucket and credentials of the drill's own `keyfort-s3` (127.0.0.1 only).
 const BUCKET: &str = "keyfort-drill";
+/// Prefix of every object the drill's cluster writes in the bucket.
+const PREFIX: &str = "backups";
 const AAD: &[u8] = b"keyfort drill";
 
 fn say(msg: impl AsRef<str>) {
@@ -195,7 +199,7 @@ impl S3Server {
         std::env::set_var("AWS_SECRET_ACCESS_KEY", secret);
         Ok(S3Server {
             child,
-            url: format!("s3://{BUCKET}?endpoint=http://{addr}"),
+            url: format!("s3://{BUCKET}/{PREFIX}?endpoint=http://{addr}"),
         })
     }
 }
@@ -361,6 +365,9 @@ impl Drill {
             self.c.wipe(victim)?;
         } else {
             self.c.kill9(victim);
+            // The dead process's last status must not read as the new one's.
+            let status = self.c.nodes[victim].data_dir.join("status.json");
+            std::fs::remove_file(&status).map_err(|e| format!("{}: {e}", status.display()))?;
         }
         self.c.start(victim)?;
         let caught = loop {
@@ -866,8 +873,26 @@ fn snapshot_digests(c: &LocalCluster, lsns: &[u64]) -> Vec<Option<String>> {
         .collect()
 }
 
-/// (c): waits for a manifest covering the load, loses every node and disk, restores, and
-/// times until the new cluster serves a read and a write with agreeing digests.
+/// Keys a client acknowledged while the disaster came: (ack time in unix ms, key id).
+type Acked = Vec<(u64, [u8; 16])>;
+
+/// Creates keys one after another through partition `part`'s client until `stop`; returns
+/// every acknowledged one with its acknowledgement time (errors are the disaster's: ignored).
+fn writer(client: &Client, stop: &std::sync::atomic::AtomicBool) -> Acked {
+    let mut acked = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Ok(w) = client.create_key(b"drill: written as the disaster comes", false) {
+            acked.push((unix_ms(), w.key_id));
+        }
+    }
+    acked
+}
+
+/// (c): waits for a manifest covering the load; a client then creates keys for
+/// [`WRITES_BEFORE_DISASTER`] and goes on while every node is SIGKILLed and every data dir
+/// removed; restores; times until the new cluster serves a read and a write with every node at
+/// the restore's announced digests. The RPO is measured on the writer's keys: the time from the
+/// first acknowledged key the restored cluster lacks to the disaster (0: none lost).
 fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified), String> {
     say("(c) durable: waiting for a manifest covering the load");
     let covered = |b: &Value| {
@@ -890,10 +915,6 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
     }
     d.wait("settle before the disaster", |_| d.settled(true))?;
     let backup = backup_status(&d.c).ok_or("no backup status")?;
-    // The old cluster's state at the fault, per shard (applied, digest, commit).
-    let st = d.c.status(0).ok_or("no status")?;
-    let before: Vec<(u64, String)> = st.iter().map(|s| (s.applied, s.digest.clone())).collect();
-    let commits: Vec<u64> = (0..d.c.shards).map(|s| d.c.max_commit(s)).collect();
     let manifest_lsns: Vec<u64> = backup["lsns"]
         .as_array()
         .into_iter()
@@ -901,23 +922,28 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
         .filter_map(Value::as_u64)
         .collect();
     let old_digests = snapshot_digests(&d.c, &manifest_lsns);
-    let disaster_ms = unix_ms();
-    d.c.kill_all();
-    let rpo_s =
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (acked, disaster_ms, commits) = std::thread::scope(|sc| {
+        let w = sc.spawn(|| writer(&d.clients[1 % d.clients.len()], &stop));
+        std::thread::sleep(WRITES_BEFORE_DISASTER);
+        let commits: Vec<u64> = (0..d.c.shards).map(|s| d.c.max_commit(s)).collect();
+        let disaster_ms = unix_ms();
+        d.c.kill_all();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (w.join().unwrap_or_default(), disaster_ms, commits)
+    });
+    let manifest_age_s =
         disaster_ms.saturating_sub(backup["uploaded_unix_ms"].as_u64().unwrap_or(0)) as f64 / 1e3;
-    let behind: Vec<u64> = commits
-        .iter()
-        .zip(&manifest_lsns)
-        .map(|(c, l)| c.saturating_sub(*l))
-        .collect();
     for n in &d.c.nodes {
         std::fs::remove_dir_all(&n.data_dir)
             .map_err(|e| format!("{}: {e}", n.data_dir.display()))?;
     }
     say(format!(
-        "(c) every node killed, every data dir removed; manifest {} (seq {}) {rpo_s:.3} s old, \
-         {behind:?} LSNs behind the commit",
-        backup["manifest"], backup["seq"]
+        "(c) a client wrote {} keys, then every node was killed and every data dir removed; \
+         newest manifest {} (seq {}) {manifest_age_s:.3} s old",
+        acked.len(),
+        backup["manifest"],
+        backup["seq"]
     ));
 
     let t0 = Instant::now();
@@ -944,7 +970,23 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
     let restore_s = secs(t0.elapsed());
     let restored: Value =
         serde_json::from_slice(&out.stdout).map_err(|e| format!("keyfort restore --json: {e}"))?;
+    let shards = restored["shards"].as_array().cloned().unwrap_or_default();
+    let field = |k: &str| -> Vec<Value> { shards.iter().map(|s| s[k].clone()).collect() };
+    let (restored_lsns, announced) = (field("restored_lsn"), field("new_digest"));
     d.c.start_all()?;
+    // Every node reaches the digests the restore announced (before the drill writes).
+    d.wait("restored nodes at the announced digests", |c| {
+        (0..c.nodes.len()).all(|i| {
+            c.status(i).is_some_and(|st| {
+                st.iter()
+                    .zip(&announced)
+                    .zip(&restored_lsns)
+                    .all(|((s, want), lsn)| {
+                        Some(s.digest.as_str()) == want.as_str() && Some(s.applied) >= lsn.as_u64()
+                    })
+            })
+        })
+    })?;
     // The old credentials are tried first; they name partitions, not the cluster.
     let read_write = |d: &Drill| -> Result<(), ClientError> {
         let h = bulk_key_header(0, d.partitions);
@@ -965,7 +1007,6 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
     let served_s = secs(t0.elapsed());
     d.wait("restored nodes agree", |_| d.settled(false))?;
     let durable_s = secs(t0.elapsed());
-    let shards = restored["shards"].as_array().cloned().unwrap_or_default();
     // The restored state at the manifest's LSN is the old cluster's own snapshot at that LSN.
     let digest_match: Vec<bool> = shards
         .iter()
@@ -976,12 +1017,35 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
         })
         .collect();
     let restored_keys: u64 = shards.iter().filter_map(|s| s["keys"].as_u64()).sum();
-    let fetched = restored["fetched_bytes"].as_u64().unwrap_or(0);
     let v = d.verify(0)?;
+    // RPO, measured: which of the writer's acknowledged keys the restored cluster holds.
+    let client = &d.clients[1 % d.clients.len()];
+    let mut first_lost = None;
+    let mut lost = 0u64;
+    for (at, id) in &acked {
+        match client.describe_key(*id) {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                lost += 1;
+                first_lost = first_lost.or(Some(*at));
+            }
+            Err(e) => return Err(format!("drill: (c) describe of a written key: {e}")),
+        }
+    }
+    let rpo_s = first_lost.map_or(0.0, |at| disaster_ms.saturating_sub(at) as f64 / 1e3);
+    let lsns_lost: Vec<u64> = commits
+        .iter()
+        .zip(&restored_lsns)
+        .map(|(c, r)| c.saturating_sub(r.as_u64().unwrap_or(0)))
+        .collect();
     let detail = json!({
         "manifest": backup,
-        "rpo_lsns_behind": behind,
-        "old_applied": before.iter().map(|b| b.0).collect::<Vec<_>>(),
+        "manifest_age_s": manifest_age_s,
+        "written_during_disaster": acked.len(),
+        "written_lost": lost,
+        "commit_at_disaster": commits,
+        "restored_lsns": restored_lsns,
+        "lsns_lost": lsns_lost,
         "old_snapshot_digests": old_digests,
         "manifest_digest_match": digest_match,
         "restored_keys": restored_keys,
@@ -989,7 +1053,7 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
         "restore_command_s": restore_s,
         "read_and_write_served_s": served_s,
         "credentials_reissued": reissued,
-        "fetched_bytes": fetched,
+        "fetched_bytes": restored["fetched_bytes"],
     });
     Ok((durable_s, rpo_s, detail, v))
 }

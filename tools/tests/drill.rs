@@ -94,5 +94,14 @@ fn the_drill_runs_every_tier_and_verifies_every_key() {
         durable["restore"]["old_cluster_id"]
     );
     assert!(r["rpo_s"].as_f64().unwrap() >= 0.0, "{r}");
+    // The RPO is measured on keys a client wrote up to the disaster.
+    assert!(
+        durable["written_during_disaster"].as_u64().unwrap() > 0,
+        "{durable}"
+    );
+    assert!(
+        durable["written_lost"].as_u64().unwrap()
+            <= durable["written_during_disaster"].as_u64().unwrap()
+    );
     assert!(r["s3_get_gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
 }
