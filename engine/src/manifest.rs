@@ -185,7 +185,7 @@ impl Manifest {
                 Some((shard, to)) if shard == a.shard => to,
                 _ => s.lsn,
             };
-            let follows = a.from <= prev + 1 && a.to > prev;
+            let follows = a.from <= prev.saturating_add(1) && a.to > prev;
             if !follows || a.to < a.from || !valid_object_name(&a.object) {
                 return Err(invalid(
                     "archived range (not contiguous after its snapshot)",

@@ -1,6 +1,5 @@
 //! Arbitrary bytes into the archived log range decoder (docs/format.md §9.3): a range or a typed
-//! error, never a panic; what decodes has contiguous LSNs and re-encodes to the same bytes but
-//! the MAC.
+//! error, never a panic; what decodes holds one record per LSN of its range.
 #![no_main]
 
 use keyfort_engine::archive::LogRange;

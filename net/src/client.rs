@@ -1307,6 +1307,14 @@ impl Client {
     pub fn cluster_status(
         &self,
     ) -> Vec<(SocketAddr, Result<(u64, Vec<ShardStatus>), ClientError>)> {
+        self.node_statuses()
+            .into_iter()
+            .map(|(a, r)| (a, r.map(|n| (n.node_id, n.shards))))
+            .collect()
+    }
+
+    /// [`Client::cluster_status`] with each node's recovery report.
+    pub fn node_statuses(&self) -> Vec<(SocketAddr, Result<NodeStatus, ClientError>)> {
         let timeout = self.inner.opts.request_timeout;
         (0..self.inner.nodes.len())
             .map(|i| {
@@ -1314,11 +1322,27 @@ impl Client {
                     .conn(i)
                     .and_then(|c| c.call(&Request::ClusterStatus, timeout))
                     .and_then(|r| match r {
-                        Response::Status { node_id, shards } => Ok((node_id, shards)),
+                        Response::Status {
+                            node_id,
+                            recovery,
+                            shards,
+                        } => Ok(NodeStatus {
+                            node_id,
+                            recovery,
+                            shards,
+                        }),
                         other => Err(unexpected("cluster status", &other)),
                     });
                 (self.inner.nodes[i], r)
             })
             .collect()
     }
+}
+
+/// One node's answer to a cluster status request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    pub recovery: crate::client_proto::RecoveryStatus,
+    pub shards: Vec<ShardStatus>,
 }

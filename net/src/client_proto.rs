@@ -324,7 +324,31 @@ pub struct ShardStatus {
     pub snapshot_lsn: u64,
     pub digest: [u8; 16],
     pub keys: u64,
+    /// The archive watermark this node applied (0: no log archive, or none known yet).
+    pub archived_lsn: u64,
+    /// On the shard's leader with the log archive on: milliseconds the oldest committed record
+    /// not yet archived has waited (the shard's RPO now); 0 elsewhere.
+    pub rpo_ms: u32,
 }
+
+/// How a node's last start recovered (docs/format.md §8.3, Status): its tier and each phase's
+/// milliseconds. [`RECOVERY_PENDING`] in a phase: not finished yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryStatus {
+    /// 1 local (own log and snapshots), 2 peer (joined as a new member), 3 durable (restored
+    /// from the durable store); 0 unknown.
+    pub tier: u8,
+    pub fetch_ms: u32,
+    pub verify_ms: u32,
+    pub open_ms: u32,
+    pub replay_ms: u32,
+    pub catch_up_ms: u32,
+}
+
+/// A recovery phase still running.
+pub const RECOVERY_PENDING: u32 = u32::MAX;
+/// Bytes of [`RecoveryStatus`] on the wire: tier 1, five phases of 4.
+pub const RECOVERY_STATUS_BYTES: usize = 1 + 4 * 5;
 
 /// A successful answer (the payload of a `RESPONSE` frame; its opcode is the request's).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -354,6 +378,7 @@ pub enum Response {
     },
     Status {
         node_id: u64,
+        recovery: RecoveryStatus,
         shards: Vec<ShardStatus>,
     },
     KeyWritten(KeyWritten),
@@ -930,8 +955,22 @@ impl Response {
                 b.extend_from_slice(client_id);
                 b.extend_from_slice(credential);
             }
-            Response::Status { node_id, shards } => {
+            Response::Status {
+                node_id,
+                recovery,
+                shards,
+            } => {
                 b.extend_from_slice(&node_id.to_le_bytes());
+                b.push(recovery.tier);
+                for v in [
+                    recovery.fetch_ms,
+                    recovery.verify_ms,
+                    recovery.open_ms,
+                    recovery.replay_ms,
+                    recovery.catch_up_ms,
+                ] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
                 b.extend_from_slice(&(shards.len() as u32).to_le_bytes());
                 for s in shards {
                     b.extend_from_slice(&s.shard.to_le_bytes());
@@ -941,6 +980,8 @@ impl Response {
                     }
                     b.extend_from_slice(&s.digest);
                     b.extend_from_slice(&s.keys.to_le_bytes());
+                    b.extend_from_slice(&s.archived_lsn.to_le_bytes());
+                    b.extend_from_slice(&s.rpo_ms.to_le_bytes());
                 }
             }
             Response::KeyWritten(w) => {
@@ -1034,6 +1075,14 @@ impl Response {
             }),
             op::CLUSTER_STATUS => whole(payload, "status", |r| {
                 let node_id = r.u64()?;
+                let recovery = RecoveryStatus {
+                    tier: u8_(r)?,
+                    fetch_ms: r.u32()?,
+                    verify_ms: r.u32()?,
+                    open_ms: r.u32()?,
+                    replay_ms: r.u32()?,
+                    catch_up_ms: r.u32()?,
+                };
                 let n = r.u32()? as usize;
                 if n > r.remaining() / SHARD_STATUS_BYTES {
                     return Err(ProtoError::Malformed {
@@ -1053,9 +1102,15 @@ impl Response {
                         snapshot_lsn: r.u64()?,
                         digest: id(r)?,
                         keys: r.u64()?,
+                        archived_lsn: r.u64()?,
+                        rpo_ms: r.u32()?,
                     });
                 }
-                Ok(Response::Status { node_id, shards })
+                Ok(Response::Status {
+                    node_id,
+                    recovery,
+                    shards,
+                })
             }),
             op::KEY_CREATE | op::KEY_ROTATE | op::KEY_UPDATE | op::KEY_DELETE | op::KEY_RESTORE => {
                 whole(payload, "key written", |r| {
@@ -1120,4 +1175,4 @@ impl Response {
 }
 
 /// Bytes of one shard in a status answer.
-pub const SHARD_STATUS_BYTES: usize = 4 + 1 + 8 * 5 + 16 + 8;
+pub const SHARD_STATUS_BYTES: usize = 4 + 1 + 8 * 5 + 16 + 8 + 8 + 4;

@@ -148,19 +148,23 @@ fn arb_shard() -> impl Strategy<Value = ShardStatus> {
         any::<u8>(),
         any::<[u64; 5]>(),
         arb_id(),
-        any::<u64>(),
+        any::<(u64, u64, u32)>(),
     )
-        .prop_map(|(shard, role, v, digest, keys)| ShardStatus {
-            shard,
-            role,
-            term: v[0],
-            leader: v[1],
-            commit: v[2],
-            applied: v[3],
-            snapshot_lsn: v[4],
-            digest,
-            keys,
-        })
+        .prop_map(
+            |(shard, role, v, digest, (keys, archived_lsn, rpo_ms))| ShardStatus {
+                shard,
+                role,
+                term: v[0],
+                leader: v[1],
+                commit: v[2],
+                applied: v[3],
+                snapshot_lsn: v[4],
+                digest,
+                keys,
+                archived_lsn,
+                rpo_ms,
+            },
+        )
 }
 
 fn arb_version(s: Size) -> impl Strategy<Value = VersionInfo> {
@@ -226,11 +230,23 @@ fn arb_response(s: Size) -> impl Strategy<Value = (u16, Response)> {
         )),
         (
             any::<u64>(),
+            (any::<u8>(), any::<[u32; 5]>()),
             s.count(64).prop_flat_map(|n| vec(arb_shard(), n))
         )
-            .prop_map(|(node_id, shards)| (
+            .prop_map(|(node_id, (tier, p), shards)| (
                 op::CLUSTER_STATUS,
-                Response::Status { node_id, shards }
+                Response::Status {
+                    node_id,
+                    recovery: RecoveryStatus {
+                        tier,
+                        fetch_ms: p[0],
+                        verify_ms: p[1],
+                        open_ms: p[2],
+                        replay_ms: p[3],
+                        catch_up_ms: p[4],
+                    },
+                    shards
+                }
             )),
         (
             proptest::sample::select(WRITE_OPS.to_vec()),
@@ -756,8 +772,12 @@ fn counted_lists_checked_against_the_payload() {
         detail: "shard count exceeds the payload",
     };
     assert_eq!(Response::decode(op::ROUTE, &b), Err(refused("route")));
+    // A status has its node's recovery report between the node id and the count.
+    let mut st = 7u64.to_le_bytes().to_vec();
+    st.extend_from_slice(&[0; RECOVERY_STATUS_BYTES]);
+    st.extend_from_slice(&u32::MAX.to_le_bytes());
     assert_eq!(
-        Response::decode(op::CLUSTER_STATUS, &b),
+        Response::decode(op::CLUSTER_STATUS, &st),
         Err(refused("status"))
     );
     let route = Response::Route {
@@ -1044,7 +1064,9 @@ fn constants_pinned() {
     assert_eq!(MAX_DESCRIBE_VERSIONS, 256);
     assert_eq!(MAX_ERROR_MESSAGE_BYTES, 1024);
     assert_eq!((CHALLENGE_LEN, RESPONSE_LEN, CREDENTIAL_LEN), (32, 32, 32));
-    assert_eq!(SHARD_STATUS_BYTES, 69);
+    assert_eq!(SHARD_STATUS_BYTES, 81);
+    assert_eq!(RECOVERY_STATUS_BYTES, 21);
+    assert_eq!(RECOVERY_PENDING, u32::MAX);
     assert_eq!(CLIENT_PROOF_DOMAIN, b"keyfort-client-proof-v1");
     assert_eq!(ADMIN_CREDENTIAL_DOMAIN, b"keyfort-admin-credential-v1");
     assert_eq!(create_flags::BACKUP, 1);

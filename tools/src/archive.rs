@@ -18,7 +18,9 @@
 //! store answers.
 
 use crate::durable::{DurableStore, PutOutcome};
-use keyfort_engine::archive::{range_object, ArchivedRecord, LogRange};
+use keyfort_engine::archive::{
+    parse_range_object, range_object, range_prefix, ArchivedRecord, LogRange, ARCHIVE_RECORDS_MAX,
+};
 use keyfort_engine::raft::Replica;
 use keyfort_engine::snapshot::FooterMac;
 use keyfort_engine::state::Op;
@@ -101,7 +103,14 @@ impl Archiver {
             }
             // Resume after the watermark; a log released past it (the archive fell behind
             // the most-kept bound) resumes at its first LSN, leaving a gap the manifests skip.
-            let from = next.unwrap_or(archived + 1).max(archived + 1).max(first);
+            // No watermark known (a start from a snapshot with no mark applied since): resume
+            // after the furthest range the store lists, not from the whole retained log.
+            let known = match next {
+                Some(n) => n,
+                None if archived == 0 => self.listed_to().await + 1,
+                None => archived + 1,
+            };
+            let from = known.max(archived + 1).max(first);
             next = Some(from);
             let durable = self.replica.with_core(|c| c.store().wbl().durable_lsn());
             let upto = commit.min(durable);
@@ -139,6 +148,24 @@ impl Archiver {
         }
     }
 
+    /// The last LSN of the furthest range of this shard the store lists (0: none, or the
+    /// store did not answer).
+    async fn listed_to(&self) -> u64 {
+        let shard = self.replica.with_core(|c| c.shard());
+        match self
+            .store
+            .list(&range_prefix(&self.cluster_id, shard))
+            .await
+        {
+            Ok(l) => l
+                .iter()
+                .filter_map(|(n, _)| parse_range_object(n).map(|r| r.2))
+                .max()
+                .unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
     /// Payload bytes the log holds in `[from, upto]`, estimated by record count (the log keeps
     /// no byte index): a seal by size is a throughput bound, the interval the latency bound.
     fn pending_payload_estimate(&self, from: u64, upto: u64) -> usize {
@@ -159,12 +186,13 @@ impl Archiver {
         let mut records = Vec::new();
         let mut bytes = 0;
         let mut lsn = from;
-        while lsn <= upto && bytes < ARCHIVE_SEAL_BYTES {
+        while lsn <= upto && bytes < ARCHIVE_SEAL_BYTES && records.len() < ARCHIVE_RECORDS_MAX {
             let batch = wbl.read(lsn, READ_BYTES).await.map_err(|e| e.to_string())?;
             if batch.is_empty() {
                 break;
             }
-            for r in batch.into_iter().take_while(|r| r.lsn <= upto) {
+            let room = ARCHIVE_RECORDS_MAX - records.len();
+            for r in batch.into_iter().take_while(|r| r.lsn <= upto).take(room) {
                 bytes += r.payload.len();
                 lsn = r.lsn + 1;
                 records.push(ArchivedRecord {

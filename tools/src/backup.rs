@@ -25,7 +25,7 @@
 
 use crate::cluster_cmd::{hex, shard_snapshot_dir};
 use crate::durable::{DurableStore, PutOutcome, StoreError};
-use keyfort_engine::archive::{parse_range_object, range_prefix};
+use keyfort_engine::archive::{parse_range_object, range_prefix, LogRange};
 use keyfort_engine::manifest::{
     manifest_name, manifest_seq, ArchivedRange, Manifest, ShardSnapshot, MANIFEST_DIR,
 };
@@ -42,6 +42,8 @@ pub const BACKUP_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 pub const MANIFESTS_KEPT_DEFAULT: usize = 8;
 /// Fewest manifests retention may keep (a restore always has one to fall back to).
 pub const MANIFESTS_KEPT_MIN: usize = 2;
+/// Most range names a manager remembers as checked (then it forgets them all and checks again).
+pub const CHECKED_RANGES_MAX: usize = 1 << 16;
 /// Manifests a round reads back, newest first, looking for one that verifies.
 pub const MANIFEST_READ_BACK: usize = 8;
 /// Folder of the snapshot objects in a backup root.
@@ -160,6 +162,8 @@ pub struct Manager {
     pub store: DurableStore,
     pub config: BackupConfig,
     pub status: Rc<RefCell<BackupStatus>>,
+    /// Names of the archived ranges this manager checked (`check_range`).
+    pub checked_ranges: RefCell<std::collections::HashSet<String>>,
 }
 
 fn now_unix_ms() -> u64 {
@@ -239,13 +243,18 @@ impl Manager {
         // sequence this one continues) lends nothing: this cluster's own snapshots, which the
         // restore put in every data dir, and its own archive stand on their own.
         let mut newest_valid = None;
-        for (_, name) in manifests.iter().rev().take(MANIFEST_READ_BACK) {
+        for (seq, name) in manifests.iter().rev().take(MANIFEST_READ_BACK) {
             let b = self.store.get_bytes(name).await.map_err(f)?;
             match Manifest::decode(&b, &*self.mac) {
-                Ok(m) => {
+                Ok(m) if m.seq == *seq => {
                     newest_valid = Some(m);
                     break;
                 }
+                Ok(m) => tracing::warn!(
+                    manifest = %name,
+                    inside = m.seq,
+                    "manifest passed over: a copy under another name"
+                ),
                 Err(e) => tracing::warn!(manifest = %name, error = %e, "manifest passed over"),
             }
         }
@@ -285,7 +294,11 @@ impl Manager {
         }
         let mut archives = Vec::new();
         for s in &shards {
-            let ranges = self.archives_after(s.shard, s.lsn).await.map_err(f)?;
+            let per_shard = keyfort_engine::manifest::ARCHIVES_MAX / shards.len().max(1);
+            let ranges = self
+                .archives_after(s.shard, s.lsn, per_shard)
+                .await
+                .map_err(f)?;
             let prev_to = previous.as_ref().and_then(|m| {
                 m.archives
                     .iter()
@@ -299,7 +312,15 @@ impl Manager {
         if !changed {
             return Ok(None);
         }
-        let seq = manifests.last().map_or(1, |(s, _)| s + 1);
+        let seq = match manifests.last() {
+            None => 1,
+            Some((s, name)) => s.checked_add(1).ok_or_else(|| {
+                Round::Failed(format!(
+                    "{name} holds the highest sequence number there is: no manifest can follow \
+                     it (remove it if it was planted)"
+                ))
+            })?,
+        };
         let m = Manifest {
             seq,
             created_unix_ms: now_unix_ms(),
@@ -393,12 +414,17 @@ impl Manager {
     /// The archived ranges in the store that continue shard `shard`'s log after `lsn` without a
     /// gap, each reaching furthest among those that join (ranges of different leaders may
     /// overlap).
-    async fn archives_after(&self, shard: u32, lsn: u64) -> Result<Vec<ArchivedRange>, StoreError> {
+    async fn archives_after(
+        &self,
+        shard: u32,
+        lsn: u64,
+        max: usize,
+    ) -> Result<Vec<ArchivedRange>, StoreError> {
         let listed = self
             .store
             .list(&range_prefix(&self.cluster_id, shard))
             .await?;
-        let ranges: Vec<(u64, u64, u64, String, u64)> = listed
+        let mut ranges: Vec<(u64, u64, u64, String, u64)> = listed
             .into_iter()
             .filter_map(|(name, size)| {
                 let (s, from, to, hash) = parse_range_object(&name)?;
@@ -407,25 +433,67 @@ impl Manager {
             .collect();
         let mut out = Vec::new();
         let mut at = lsn;
-        while let Some((from, to, hash, name, size)) = ranges
-            .iter()
-            .filter(|r| r.0 <= at + 1 && r.1 > at)
-            .max_by_key(|r| r.1)
-        {
+        while out.len() < max {
+            let Some(i) = ranges
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.0 <= at.saturating_add(1) && r.1 > at)
+                .max_by_key(|(_, r)| r.1)
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            let (from, to, hash, name, size) = ranges.swap_remove(i);
+            if let Err(e) = self.check_range(shard, from, to, hash, &name, size).await {
+                tracing::warn!(range = %name, error = %e, "archived range passed over");
+                continue;
+            }
+            at = to;
             out.push(ArchivedRange {
                 shard,
-                from: *from,
-                to: *to,
-                bytes: *size,
-                file_hash: *hash,
-                object: name.clone(),
+                from,
+                to,
+                bytes: size,
+                file_hash: hash,
+                object: name,
             });
-            at = *to;
-            if out.len() >= keyfort_engine::manifest::ARCHIVES_MAX / 2 {
-                break; // a manifest's bound; the next round goes on from a newer snapshot
-            }
         }
         Ok(out)
+    }
+
+    /// Checks a range before a manifest names it, once per manager: its bytes hash to the hash
+    /// in its name, its MAC verifies, and it holds the shard and LSNs its name says, of this
+    /// cluster. A planted or damaged object is passed over, never named.
+    async fn check_range(
+        &self,
+        shard: u32,
+        from: u64,
+        to: u64,
+        hash: u64,
+        name: &str,
+        size: u64,
+    ) -> Result<(), String> {
+        if self.checked_ranges.borrow().contains(name) {
+            return Ok(());
+        }
+        let b = self
+            .store
+            .get_bytes(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        if b.len() as u64 != size || xxhash_rust::xxh3::xxh3_64(&b) != hash {
+            return Err("its bytes do not hash to its name".into());
+        }
+        let r = LogRange::decode(&b, &*self.mac).map_err(|e| e.to_string())?;
+        if (r.cluster_id, r.shard, r.from, r.to()) != (self.cluster_id, shard, from, to) {
+            return Err("it holds other LSNs than its name says".into());
+        }
+        let mut checked = self.checked_ranges.borrow_mut();
+        if checked.len() >= CHECKED_RANGES_MAX {
+            checked.clear();
+        }
+        checked.insert(name.to_string());
+        Ok(())
     }
 
     /// Deletes the manifests beyond the newest `manifests_kept` (counting `newest`, just

@@ -449,17 +449,28 @@ pub fn admin_credential(card: &CardAt, config: &Path, out: &Path) -> crate::CmdR
 /// `keyfort cluster status`: every node's view of every shard.
 pub fn status(conn: &Conn, json: bool) -> crate::CmdResult {
     let c = conn.client()?;
-    let all = c.cluster_status();
+    let all = c.node_statuses();
     let mut rows = Vec::new();
+    let mut nodes = Vec::new();
     for (addr, r) in &all {
         match r {
-            Ok((node, shards)) => {
-                for s in shards {
+            Ok(n) => {
+                let rc = &n.recovery;
+                let phase =
+                    |v: u32| (v != keyfort_net::client_proto::RECOVERY_PENDING).then_some(v);
+                nodes.push(serde_json::json!({
+                    "node": n.node_id, "addr": addr.to_string(),
+                    "tier": crate::recovery_report::tier_name(rc.tier),
+                    "fetch_ms": rc.fetch_ms, "verify_ms": rc.verify_ms, "open_ms": rc.open_ms,
+                    "replay_ms": rc.replay_ms, "catch_up_ms": phase(rc.catch_up_ms),
+                }));
+                for s in &n.shards {
                     rows.push(serde_json::json!({
-                        "node": node, "addr": addr.to_string(), "shard": s.shard,
+                        "node": n.node_id, "addr": addr.to_string(), "shard": s.shard,
                         "role": role_name(s.role), "term": s.term, "leader": s.leader,
                         "commit": s.commit, "applied": s.applied,
-                        "snapshot_lsn": s.snapshot_lsn, "digest": hex(&s.digest), "keys": s.keys,
+                        "snapshot_lsn": s.snapshot_lsn, "digest": format!("{:032x}", u128::from_le_bytes(s.digest)), "keys": s.keys,
+                        "archived_lsn": s.archived_lsn, "rpo_ms": s.rpo_ms,
                     }));
                 }
             }
@@ -469,12 +480,23 @@ pub fn status(conn: &Conn, json: bool) -> crate::CmdResult {
         }
     }
     if json {
-        println!("{}", serde_json::Value::Array(rows));
+        println!("{}", serde_json::json!({"shards": rows, "nodes": nodes}));
         return Ok(());
     }
     println!(
-        "{:<6} {:<22} {:>5} {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>9} digest",
-        "node", "addr", "shard", "role", "term", "leader", "commit", "applied", "snapshot", "keys"
+        "{:<6} {:<22} {:>5} {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>7} {:>9} digest",
+        "node",
+        "addr",
+        "shard",
+        "role",
+        "term",
+        "leader",
+        "commit",
+        "applied",
+        "snapshot",
+        "archived",
+        "rpo_ms",
+        "keys"
     );
     for r in rows {
         if let Some(e) = r.get("error") {
@@ -488,7 +510,7 @@ pub fn status(conn: &Conn, json: bool) -> crate::CmdResult {
         }
         let u = |k: &str| r[k].as_u64().unwrap_or(0);
         println!(
-            "{:<6} {:<22} {:>5} {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>9} {}",
+            "{:<6} {:<22} {:>5} {:<10} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>7} {:>9} {}",
             u("node"),
             r["addr"].as_str().unwrap_or(""),
             u("shard"),
@@ -498,8 +520,27 @@ pub fn status(conn: &Conn, json: bool) -> crate::CmdResult {
             u("commit"),
             u("applied"),
             u("snapshot_lsn"),
+            u("archived_lsn"),
+            u("rpo_ms"),
             u("keys"),
             r["digest"].as_str().unwrap_or("")
+        );
+    }
+    println!("recovery at each node's last start (ms):");
+    for n in nodes {
+        let u = |k: &str| {
+            n[k].as_u64()
+                .map_or("running".to_string(), |v| v.to_string())
+        };
+        println!(
+            "  node {:<4} {:<8} fetch {} verify {} open {} replay {} catch-up {}",
+            u("node"),
+            n["tier"].as_str().unwrap_or(""),
+            u("fetch_ms"),
+            u("verify_ms"),
+            u("open_ms"),
+            u("replay_ms"),
+            u("catch_up_ms")
         );
     }
     Ok(())

@@ -13,6 +13,7 @@ pub mod drill;
 pub mod durable;
 pub mod join;
 pub mod node;
+pub mod recovery_report;
 pub mod restore;
 pub mod service;
 pub mod signals;

@@ -190,6 +190,8 @@ pub fn run(config_path: &Path) -> crate::CmdResult {
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config_path.display()))?;
     let s = |e: keyfort_engine::cluster::ClusterError| e.to_string();
     std::env::set_var(keyfort_hsm::pin::USER_PIN_FILE_ENV, &cfg.card.pin_file);
+    let started = Instant::now();
+    let mut joined = None;
     if !cfg.data_dir.join(IDENTITY_FILE).exists() {
         if cfg.seed_peers.is_empty() {
             return Err(format!(
@@ -203,6 +205,7 @@ pub fn run(config_path: &Path) -> crate::CmdResult {
         let cfg = &cfg;
         keyfort_engine::exec::run_local(&data_dir, |_| async move { crate::join::join(cfg).await })
             .map_err(|e| e.to_string())??;
+        joined = Some(started.elapsed());
     }
     let id = read_identity(&cfg.data_dir).map_err(s)?;
     let cluster = read_cluster_config(&cfg.data_dir).map_err(s)?;
@@ -215,8 +218,15 @@ pub fn run(config_path: &Path) -> crate::CmdResult {
         ));
     }
     let data_dir = cfg.data_dir.clone();
-    keyfort_engine::exec::run_local(&data_dir, move |q| node(cfg, id, cluster, q))
+    let start = Start { started, joined };
+    keyfort_engine::exec::run_local(&data_dir, move |q| node(cfg, id, cluster, q, start))
         .map_err(|e| e.to_string())?
+}
+
+/// When the process started, and how long joining took when it joined (the peer tier).
+struct Start {
+    started: Instant,
+    joined: Option<Duration>,
 }
 
 async fn node(
@@ -224,6 +234,7 @@ async fn node(
     id: Identity,
     cluster: ClusterConfig,
     queues: keyfort_engine::exec::Queues,
+    start: Start,
 ) -> crate::CmdResult {
     let t0 = Instant::now();
     // One card per process, for the life of the process (the bulk loader's threads share it).
@@ -293,6 +304,8 @@ async fn node(
         mac: session.clone(),
         loaded: RefCell::default(),
         stopping: Cell::new(false),
+        recovery: RefCell::new(None),
+        archives: RefCell::new(Vec::new()),
     });
     let client_bound = match cfg.client_listen {
         Some(addr) => Some(
@@ -330,12 +343,30 @@ async fn node(
             })
         })
         .collect();
+    let marker = crate::recovery_report::take_marker(&cfg.data_dir);
+    let mut phases = crate::recovery_report::Recovery {
+        tier: match (&marker, start.joined) {
+            (Some(_), _) => crate::recovery_report::Tier::Durable,
+            (None, Some(_)) => crate::recovery_report::Tier::Peer,
+            (None, None) => crate::recovery_report::Tier::Local,
+        },
+        fetch: marker.map_or(start.joined.unwrap_or_default(), |(f, _)| f),
+        verify: Duration::ZERO,
+        open: Duration::ZERO,
+        replay: Duration::ZERO,
+        catch_up: None,
+    };
+    let restore_verify = marker.map_or(Duration::ZERO, |(_, v)| v);
     for (shard, recovery) in (0..cluster.shard_count).zip(recoveries) {
-        let start = recovery.await.map_err(|e| format!("shard {shard}: {e}"))?;
+        let opened = recovery.await.map_err(|e| format!("shard {shard}: {e}"))?;
+        // The shards recovered concurrently: each phase is its slowest shard's.
+        phases.open = phases.open.max(opened.wbl_open_duration);
+        phases.verify = phases.verify.max(opened.local.open_duration);
+        phases.replay = phases.replay.max(opened.local.replay_duration);
         let r = Replica::open(
             id.node_id,
             shard,
-            start,
+            opened,
             &bootstrap,
             Rc::new(ViaPeers(transport.clone())),
             false,
@@ -378,6 +409,16 @@ async fn node(
             .detach();
         }
     }
+    // A restored node's snapshots were checked twice: by the restore and at this open.
+    phases.verify += restore_verify;
+    let report = Rc::new(RefCell::new(phases));
+    *service.recovery.borrow_mut() = Some(report.clone());
+    glommio::spawn_local(crate::recovery_report::watch_catch_up(
+        report.clone(),
+        replicas.borrow().clone(),
+        start.started,
+    ))
+    .detach();
     let backup = Rc::new(RefCell::new(crate::backup::BackupStatus::default()));
     let mut archives = Vec::new();
     if let Some(url) = &cfg.durable_store {
@@ -411,11 +452,13 @@ async fn node(
                 manifests_kept: cfg.manifests_kept.unwrap_or(defaults.manifests_kept),
             },
             status: backup.clone(),
+            checked_ranges: RefCell::default(),
         });
         glommio::spawn_local_into(manager.run(), queues.background)
             .map_err(|e| e.to_string())?
             .detach();
     }
+    *service.archives.borrow_mut() = archives.clone();
     // Dial every peer now: peers backing off from this node (it was down, or is new) see it
     // connect and redial it at once instead of at their next backoff step.
     transport.connect_all();
@@ -472,10 +515,11 @@ async fn node(
             client_bound,
             &replicas.borrow(),
             &latency.borrow(),
-            cfg.durable_store
-                .is_some()
-                .then(|| backup.borrow().to_json()),
             &archives,
+            serde_json::json!({
+                "backup": cfg.durable_store.is_some().then(|| backup.borrow().to_json()),
+                "recovery": report.borrow().to_json(),
+            }),
         )?;
         if let Some(e) = replicas.borrow().iter().find_map(|r| r.failed()) {
             return Err(format!("a shard replica stopped: {e}"));
@@ -640,8 +684,9 @@ fn write_status(
     client_addr: Option<SocketAddr>,
     replicas: &[Rc<Replica>],
     latency: &hdrhistogram::Histogram<u64>,
-    backup: Option<serde_json::Value>,
     archives: &[Rc<RefCell<crate::archive::ArchiveStatus>>],
+    // Node-level sections beside the shards (backup, recovery).
+    sections: serde_json::Value,
 ) -> crate::CmdResult {
     let shards: Vec<serde_json::Value> = replicas
         .iter()
@@ -668,13 +713,15 @@ fn write_status(
             })
         })
         .collect();
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "node": node,
         "client_addr": client_addr.map(|a| a.to_string()),
         "shards": shards,
         "synthetic_commit_latency": keyfort_bench::LatencySummary::of(latency),
-        "backup": backup,
     });
+    if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), sections) {
+        v.extend(extra);
+    }
     status_writer().publish(dir, v.to_string());
     Ok(())
 }

@@ -39,7 +39,7 @@ use keyfort_engine::wbl::{HardState, RecordKind, Wbl, WblOptions};
 use keyfort_hsm::CoreSession;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Folder, in the first node's data dir, where snapshots are fetched and verified (removed at
 /// the end; its files are hard-linked into every node's data dir).
@@ -63,8 +63,8 @@ pub struct RestoreArgs {
     /// literal) and a data dir that holds no node identity. Raft ids are given in this order.
     #[arg(long = "node")]
     pub nodes: Vec<String>,
-    /// Restore only a manifest of this cluster (32 hex digits): refuses a backup root that
-    /// holds another cluster's newer manifests.
+    /// Restore only a manifest of this cluster (32 hex digits): another cluster's manifests,
+    /// newer or not, are passed over before a card is asked anything.
     #[arg(long)]
     pub cluster_id: Option<String>,
     /// List the manifests in the store (sequence, time, term, LSN per shard, complete or not)
@@ -448,6 +448,14 @@ fn verified_manifest(
     for (name, bytes) in candidates {
         let (m, _) = Manifest::decode_unverified(&bytes).map_err(|e| format!("{name}: {e}"))?;
         let old = m.cluster().map_err(|e| format!("{name}: {e}"))?;
+        if cluster_id.is_some_and(|c| *c != old.cluster_id) {
+            let why = format!("of cluster {}, not the one asked for", hex(&old.cluster_id));
+            if named.is_some() {
+                return Err(format!("{name}: {why}"));
+            }
+            skipped.push((name, why));
+            continue;
+        }
         session
             .import_integrity_key(&old.integrity_key_wrapped)
             .map_err(|e| {
@@ -698,6 +706,11 @@ async fn fetch_verify_write(
             .map_err(w)?;
             wbl.close().await.map_err(w)?;
         }
+        crate::recovery_report::write_marker(
+            dir,
+            Duration::from_secs_f64((fetch_ms + archive_ms) / 1e3),
+            Duration::from_secs_f64(verify_ms / 1e3),
+        )?;
         // The identity last: a data dir with an identity is complete.
         let id = Identity {
             cluster_id: cluster.cluster_id,
@@ -768,6 +781,7 @@ async fn archived_tails(
             glommio::spawn_local(async move { store.get_bytes(&object).await })
         })
         .collect();
+    let cluster_id = m.cluster().map_err(|e| e.to_string())?.cluster_id;
     let mut tails = vec![Vec::new(); m.shards.len()];
     let mut at: Vec<(u64, u64)> = snaps
         .iter()
@@ -794,12 +808,15 @@ async fn archived_tails(
             )));
         }
         let range = LogRange::decode(&b, &**session).map_err(|e| bad(e.to_string()))?;
-        if (range.shard, range.from, range.to()) != (a.shard, a.from, a.to) {
+        if (range.cluster_id, range.shard, range.from, range.to())
+            != (cluster_id, a.shard, a.from, a.to)
+        {
             return Err(bad(format!(
-                "it holds shard {} lsns {}..={}",
+                "it holds shard {} lsns {}..={} of cluster {}",
                 range.shard,
                 range.from,
-                range.to()
+                range.to(),
+                hex(&range.cluster_id)
             )));
         }
         let (lsn, chain) = &mut at[a.shard as usize];

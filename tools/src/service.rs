@@ -74,6 +74,10 @@ pub struct Service {
     /// Fingerprint (xxh3-64) of the config each partition loaded in `card` was imported from.
     pub loaded: RefCell<std::collections::HashMap<PartitionId, u64>>,
     pub stopping: Cell<bool>,
+    /// How this node's start recovered (set once the shards are open).
+    pub recovery: RefCell<Option<Rc<RefCell<crate::recovery_report::Recovery>>>>,
+    /// Per shard, the log archive's progress (empty without a durable store).
+    pub archives: RefCell<Vec<Rc<RefCell<crate::archive::ArchiveStatus>>>>,
 }
 
 type Answer = Result<Response, ErrorReply>;
@@ -675,7 +679,13 @@ impl Service {
             .replicas
             .borrow()
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(i, r)| {
+                let (archived_lsn, rpo_ms) = self.archives.borrow().get(i).map_or((0, 0), |a| {
+                    let a = a.borrow();
+                    let rpo = a.pending_since.map_or(0, |t| t.elapsed().as_millis());
+                    (a.archived_lsn, rpo.min(u128::from(u32::MAX)) as u32)
+                });
                 r.with_core(|c| ShardStatus {
                     shard: c.shard(),
                     role: match c.role() {
@@ -691,11 +701,19 @@ impl Service {
                     snapshot_lsn: c.state_machine().base().map_or(0, |b| b.lsn()),
                     digest: c.state_machine().digest().to_bytes(),
                     keys: c.state_machine().key_count(),
+                    archived_lsn,
+                    rpo_ms,
                 })
             })
             .collect();
         Response::Status {
             node_id: self.node_id,
+            recovery: self
+                .recovery
+                .borrow()
+                .as_ref()
+                .map(|r| r.borrow().to_wire())
+                .unwrap_or_default(),
             shards,
         }
     }

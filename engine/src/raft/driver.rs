@@ -151,6 +151,8 @@ pub struct Replica {
     retention: Cell<(u64, u64)>,
     /// Release the log only below the archive watermark (`StateMachine::archived_lsn`).
     archive_gate: Cell<bool>,
+    /// The last snapshot fetched from a peer: how long the transfer and the verification took.
+    last_fetch: Cell<Option<(Duration, Duration)>>,
 }
 
 /// Where a follower fetches snapshot files from, where it keeps them, and the card that
@@ -188,6 +190,7 @@ impl Replica {
             compacting: Cell::new(false),
             retention: Cell::new((RETAIN_LOG_ENTRIES_MIN, RETAIN_LOG_ENTRIES_MAX)),
             archive_gate: Cell::new(false),
+            last_fetch: Cell::new(None),
         })
     }
 
@@ -420,7 +423,9 @@ impl Replica {
         use crate::snapshot as snap;
         let dest = dir.join(snap::file_name(desc.lsn));
         let tmp = dir.join(format!("{}.fetch", snap::file_name(desc.lsn)));
+        let t = std::time::Instant::now();
         source.fetch(m.from, desc, &tmp).await?;
+        let fetched = t.elapsed();
         // Renamed before it is verified: a crash in between leaves a file recovery verifies
         // (and skips when bad) like any other; a failed verification removes it.
         let (t, d, dd) = (tmp, dest.clone(), dir.to_path_buf());
@@ -430,11 +435,19 @@ impl Replica {
         })
         .await
         .map_err(|e| e.to_string())?;
+        let t = std::time::Instant::now();
         let checked = super::snapshot::verify_fetched(&dest, desc, mac).await;
         if checked.is_err() {
             let _ = std::fs::remove_file(&dest);
+        } else {
+            self.last_fetch.set(Some((fetched, t.elapsed())));
         }
         checked
+    }
+
+    /// The last snapshot this replica fetched from a peer and verified: (transfer, verify).
+    pub fn last_snapshot_fetch(&self) -> Option<(Duration, Duration)> {
+        self.last_fetch.get()
     }
 
     /// raft restored a snapshot: reset the log to start after it and serve the state from the
