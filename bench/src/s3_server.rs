@@ -85,6 +85,11 @@ impl S3Server {
         format!("s3://{path}?endpoint=http://{}", self.addr)
     }
 
+    /// The server process (a test signals it or waits for it).
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
     /// The environment a process needs to reach the server (`DurableStore` reads it).
     pub fn env(&self) -> [(&'static str, String); 2] {
         [

@@ -1,8 +1,8 @@
 //! The durable store against a local directory and against a real `keyfort-s3` process.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use futures_lite::future::block_on;
 use keyfort_tools::durable::{
@@ -13,59 +13,34 @@ const ACCESS_KEY: &str = "keyfort-test";
 const SECRET_KEY: &str = "keyfort-test-secret";
 const BUCKET: &str = "keyfort-dr";
 
-/// A `keyfort-s3` child, killed on drop.
+/// A `keyfort-s3` child (`keyfort_bench::s3_server`) with its root, removed with it.
 struct S3Server {
-    child: Child,
-    port: u16,
+    server: keyfort_bench::s3_server::S3Server,
     _root: tempfile::TempDir,
 }
 
 impl S3Server {
     fn start(extra: &[&str]) -> S3Server {
         let root = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keyfort-s3"))
-            .arg("--root")
-            .arg(root.path())
-            .args(["--listen", "127.0.0.1:0", "--bucket", BUCKET])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("keyfort-s3 listening on 127.0.0.1:")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
+        let server = keyfort_bench::s3_server::S3Server::start(
+            env!("CARGO_BIN_EXE_keyfort-s3").as_ref(),
+            root.path(),
+            BUCKET,
+            extra,
+        )
+        .unwrap();
         S3Server {
-            child,
-            port,
+            server,
             _root: root,
         }
     }
 
     fn open(&self, prefix: &str) -> DurableStore {
-        let url = format!(
-            "s3://{BUCKET}/{prefix}?endpoint=http://127.0.0.1:{}",
-            self.port
-        );
         let creds = S3Credentials {
-            access_key_id: ACCESS_KEY.to_string(),
-            secret_access_key: SECRET_KEY.to_string(),
+            access_key_id: self.server.access_key.clone(),
+            secret_access_key: self.server.secret_key.clone(),
         };
-        DurableStore::open_with(&url, Some(creds)).unwrap()
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        DurableStore::open_with(&self.server.url(prefix), Some(creds)).unwrap()
     }
 }
 
@@ -357,12 +332,12 @@ fn store_is_awaitable_from_a_glommio_executor() {
 #[test]
 fn keyfort_s3_exits_on_sigterm() {
     let mut server = S3Server::start(&[]);
-    let pid = server.child.id() as libc::pid_t;
+    let pid = server.server.child().id() as libc::pid_t;
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
+        if let Some(status) = server.server.child().try_wait().unwrap() {
             assert!(status.success(), "{status}");
             break;
         }
