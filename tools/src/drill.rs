@@ -23,19 +23,21 @@
 //!    applied with the same state digest as the cluster at that index, and the node itself
 //!    answers a linearizable read (a key describe sent to its own client port).
 //! 6. **(c) durable**: the snapshot manager (on the shard-0 leader, `durable_store` in the
-//!    config) uploads snapshots and manifests to a `keyfort-s3` server the drill runs on
-//!    127.0.0.1. Once the newest manifest covers the loaded LSN of every shard, every node is
-//!    SIGKILLed and every data dir removed (the cards stay). Timed from the start of `keyfort
-//!    restore` (new data dirs at the same paths, so the old configs serve) through starting
-//!    the three nodes until the new cluster answered a linearizable read and a key create
-//!    through the client protocol and every node reports the same digest per shard. The
-//!    restore's per-shard digest (at the manifest's LSN) is compared with the old cluster's
-//!    digest at that LSN (`manifest_digest_match`); the restored cluster then appends its own
-//!    config record, so the nodes' digests are compared with each other, not with the
-//!    manifest's. `rpo_s` is the age of the newest manifest at the moment of the disaster
-//!    (`uploaded_unix_ms` to the SIGKILL); with no log archive yet, what bounds it is how often
-//!    a snapshot is made (`compaction_records`) and uploaded (`backup_interval_ms`); the LSNs
-//!    committed but not in the manifest are reported beside it (`rpo_lsns_behind`).
+//!    config) uploads snapshots and manifests, and the shard leaders archive committed log
+//!    ranges, to a `keyfort-s3` server the drill runs on 127.0.0.1. Once the newest manifest
+//!    covers the loaded LSN of every shard, a client creates keys one after another for
+//!    [`WRITES_BEFORE_DISASTER`] and goes on while every node is SIGKILLed and every data dir
+//!    removed (the cards stay). Timed from the start of `keyfort restore` (new data dirs at the
+//!    same paths, so the old configs serve) through starting the three nodes until every node
+//!    reports the digests the restore announced (snapshot + archived ranges), a linearizable
+//!    read and a key create succeeded through the client protocol, and every node agrees. The
+//!    restore's per-shard snapshot digest is compared with the old cluster's own snapshot file
+//!    at the manifest's LSN (`manifest_digest_match`).
+//!
+//!    `rpo_s` is measured on the writer's keys: the time from the first acknowledged key the
+//!    restored cluster lacks to the disaster (0 when none is lost). The newest manifest's age
+//!    at the disaster (`manifest_age_s`, what the RPO would be without the log archive) and the
+//!    LSNs committed but not restored (`lsns_lost`) are reported beside it.
 //! 7. **After every step** (timed separately, `verify_s`): every node's applied index and digest
 //!    agree per shard; on the recovered node, every partition's keys are listed through the
 //!    client protocol and every loaded key id (they are deterministic: `bulk_key_header`) must
@@ -621,6 +623,13 @@ fn step_json(tier: &str, fault: &str, seconds: f64, detail: Value, v: &Verified)
 fn drill(args: &DrillArgs) -> Result<Value, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
     let keyfortd = exe.with_file_name("keyfortd");
+    if std::env::var_os("RUST_LOG").is_none() {
+        // The nodes log their recovery, join and restore phases (node-N/keyfortd.log).
+        std::env::set_var(
+            "RUST_LOG",
+            "warn,keyfort_tools=info,keyfort_net=info,keyfort_engine=info",
+        );
+    }
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
     let started = Instant::now();
