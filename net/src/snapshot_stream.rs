@@ -49,6 +49,14 @@ use tracing::{debug, warn};
 /// have it.
 pub type SnapshotResolver = Rc<dyn Fn(u32, u64, u64) -> Option<PathBuf>>;
 
+/// Names a node's newest snapshot file of a shard and its LSN (`None`: it has none): what a
+/// chunk request for [`NEWEST_LSN`] reads (the snapshot manager's poll, docs/format.md §6.11).
+pub type NewestResolver = Rc<dyn Fn(u32) -> Option<(u64, PathBuf)>>;
+
+/// The LSN a chunk request names to ask for the node's newest snapshot of the shard; the chunk
+/// answering it carries that snapshot's LSN (and term 0: the asker fetches by LSN).
+pub const NEWEST_LSN: u64 = u64::MAX;
+
 /// Chunk requests the fetcher keeps in flight on its connection.
 pub const STREAM_WINDOW_CHUNKS: usize = 4;
 /// Bytes the fetcher asks for per chunk (the protocol's maximum).
@@ -151,6 +159,7 @@ struct OpenSnapshot {
 #[derive(Default)]
 pub(crate) struct SnapshotServer {
     resolver: RefCell<Option<SnapshotResolver>>,
+    newest: RefCell<Option<NewestResolver>>,
     faults: Cell<ServeFaults>,
     /// Chunks served since the faults were set.
     served: Cell<u64>,
@@ -163,6 +172,10 @@ fn stream_err(code: u16, detail: u64) -> StreamErrorPayload {
 impl SnapshotServer {
     pub(crate) fn set_resolver(&self, r: SnapshotResolver) {
         *self.resolver.borrow_mut() = Some(r);
+    }
+
+    pub(crate) fn set_newest(&self, r: NewestResolver) {
+        *self.newest.borrow_mut() = Some(r);
     }
 
     pub(crate) fn set_faults(&self, f: ServeFaults) {
@@ -278,18 +291,35 @@ impl SnapshotServer {
         req: &SnapshotChunkRequest,
         payload: &mut Vec<u8>,
     ) -> Result<usize, StreamErrorPayload> {
-        let key = (req.shard, req.lsn, req.term);
+        // A request for the newest snapshot names it by its LSN in the answer.
+        let newest = if req.lsn == NEWEST_LSN {
+            let r = self
+                .newest
+                .borrow()
+                .clone()
+                .ok_or(stream_err(error_code::NOT_SERVING, 0))?;
+            Some(r(req.shard).ok_or(stream_err(error_code::UNKNOWN_SNAPSHOT, 0))?)
+        } else {
+            None
+        };
+        let lsn = newest.as_ref().map_or(req.lsn, |(l, _)| *l);
+        let key = (req.shard, lsn, req.term);
         if open.as_ref().map(|o| o.key) != Some(key) {
             if let Some(o) = open.take() {
                 let _ = o.file.close().await;
             }
-            let resolver = self
-                .resolver
-                .borrow()
-                .clone()
-                .ok_or(stream_err(error_code::NOT_SERVING, 0))?;
-            let path = resolver(req.shard, req.lsn, req.term)
-                .ok_or(stream_err(error_code::UNKNOWN_SNAPSHOT, 0))?;
+            let path = match newest {
+                Some((_, path)) => path,
+                None => {
+                    let resolver = self
+                        .resolver
+                        .borrow()
+                        .clone()
+                        .ok_or(stream_err(error_code::NOT_SERVING, 0))?;
+                    resolver(req.shard, req.lsn, req.term)
+                        .ok_or(stream_err(error_code::UNKNOWN_SNAPSHOT, 0))?
+                }
+            };
             let file = BufferedFile::open(&path).await.map_err(|e| {
                 let e = io::Error::from(e);
                 if e.kind() == io::ErrorKind::NotFound {
@@ -325,7 +355,7 @@ impl SnapshotServer {
         let encode = |data: &[u8], payload: &mut Vec<u8>| {
             SnapshotChunk {
                 shard: req.shard,
-                lsn: req.lsn,
+                lsn,
                 term: req.term,
                 offset: req.offset,
                 total_size: size,
@@ -874,4 +904,94 @@ async fn finish(
     let synced = d.sync().await;
     let _ = d.close().await;
     synced.map_err(|e| io_err(&dir, e.into()))
+}
+
+/// Asks node `from` which snapshot of `shard` is its newest (the snapshot manager's poll): one
+/// chunk request for [`NEWEST_LSN`] on its own connection. `Some((lsn, size))`, or `None` when
+/// the node has none. Fetch it afterwards with [`fetch_snapshot`] at that LSN (term 0).
+pub async fn probe_newest(
+    transport: &Rc<PeerTransport>,
+    from: u64,
+    shard: u32,
+) -> Result<Option<(u64, u64)>, StreamError> {
+    let addr = transport
+        .peers()
+        .get(&from)
+        .copied()
+        .ok_or(StreamError::UnknownPeer(from))?;
+    let unreachable = |e: ConnError| StreamError::Unreachable {
+        peer: from,
+        attempts: 1,
+        last: e.to_string(),
+    };
+    let mut stream = match transport.dial(from, addr).await {
+        Ok(s) => s,
+        Err(e @ (ConnError::Io(_) | ConnError::Timeout(_) | ConnError::Eof)) => {
+            return Err(unreachable(e))
+        }
+        Err(e) => {
+            return Err(StreamError::Handshake {
+                peer: from,
+                reason: e.to_string(),
+            })
+        }
+    };
+    let protocol = |e: String| StreamError::Protocol(e);
+    let mut payload = Vec::new();
+    SnapshotChunkRequest {
+        shard,
+        lsn: NEWEST_LSN,
+        term: 0,
+        offset: 0,
+        max_len: 1,
+    }
+    .encode(&mut payload)
+    .map_err(|e| protocol(e.to_string()))?;
+    let mut out = Vec::new();
+    let h = FrameHeader {
+        flags: 0,
+        opcode: PEER_SNAPSHOT_CHUNK_REQUEST,
+        request_id: 1,
+    };
+    frame::encode(h, &payload, &mut out).map_err(|e| protocol(e.to_string()))?;
+    within(
+        WRITE_TIMEOUT,
+        "newest snapshot probe",
+        write_out(&mut stream, &mut out),
+    )
+    .await
+    .map_err(unreachable)?;
+    let mut reader = FrameReader::new();
+    let header = within(
+        CHUNK_RESPONSE_TIMEOUT,
+        "newest snapshot answer",
+        reader.next(&mut stream),
+    )
+    .await
+    .map_err(unreachable)?;
+    let _ = stream.close().await;
+    if header.opcode != PEER_SNAPSHOT_CHUNK || header.request_id != 1 {
+        return Err(protocol(format!(
+            "unexpected answer {:#06x} to request {}",
+            header.opcode, header.request_id
+        )));
+    }
+    if header.flags & flags::ERROR != 0 {
+        let e =
+            StreamErrorPayload::decode(reader.payload()).map_err(|e| protocol(e.to_string()))?;
+        return match e.code {
+            error_code::UNKNOWN_SNAPSHOT => Ok(None),
+            error_code::NOT_SERVING => Err(StreamError::NotServing(from)),
+            code => Err(StreamError::Refused {
+                peer: from,
+                code,
+                detail: e.detail,
+            }),
+        };
+    }
+    let c = SnapshotChunk::decode(reader.payload()).map_err(|e| protocol(e.to_string()))?;
+    if c.shard != shard || c.lsn == NEWEST_LSN {
+        return Err(protocol("the answer names another snapshot".into()));
+    }
+    Ok(Some((c.lsn, c.total_size)))
 }

@@ -453,6 +453,12 @@ impl PeerTransport {
         self.snapshots.set_resolver(resolver);
     }
 
+    /// Answers chunk requests for [`crate::snapshot_stream::NEWEST_LSN`] from the file `r`
+    /// names (the snapshot manager's poll); until installed they are answered `NOT_SERVING`.
+    pub fn serve_newest_snapshots(&self, r: crate::snapshot_stream::NewestResolver) {
+        self.snapshots.set_newest(r);
+    }
+
     /// Serves the cluster config from now on: a connection whose first frame is
     /// `PEER_CONFIG_REQUEST` (before any Hello, unauthenticated) gets `PEER_CONFIG` with the
     /// bytes `f` returns (`None`, or more than [`crate::join::CONFIG_BYTES_MAX`]: a Reject

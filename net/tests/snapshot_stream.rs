@@ -2,7 +2,8 @@
 //! arrives byte-identical (beside the fetcher's own raft connection, which it does not evict); a
 //! stream broken halfway resumes; a corrupted chunk is refused and re-fetched; odd sizes (empty,
 //! not a chunk multiple) arrive whole; an unknown snapshot is a typed error that leaves no file;
-//! a node with another key cannot fetch. Both nodes run on one executor.
+//! a node with another key cannot fetch; a poll names the newest snapshot of a shard (or none).
+//! Both nodes run on one executor.
 
 mod common;
 use common::*;
@@ -221,6 +222,36 @@ fn a_node_with_another_key_cannot_fetch() {
         let st = leader.stats();
         assert_eq!(st.snapshot_chunks_served, 0, "{st:?}");
         assert_eq!(st.snapshot_connections, 0, "{st:?}");
+        leader.close().await;
+        follower.close().await;
+    });
+}
+
+#[test]
+fn a_poll_names_the_newest_snapshot_which_then_fetches_by_its_lsn() {
+    run("newest", TEST_LIMIT, |dir| async move {
+        let src = dir.join("snap.src");
+        write_file(&src, (1 << 20) + 17);
+        let (leader, _sink, follower) = pair(&src, KEY);
+        // No newest resolver yet: the node does not serve the poll.
+        let e = probe_newest(&follower, LEADER, SNAP.0)
+            .await
+            .expect_err("not serving");
+        assert!(matches!(e, StreamError::NotServing(LEADER)), "{e:?}");
+        let path = src.clone();
+        leader.serve_newest_snapshots(Rc::new(move |shard| {
+            (shard == SNAP.0).then(|| (SNAP.1, path.clone()))
+        }));
+        let got = probe_newest(&follower, LEADER, SNAP.0).await.unwrap();
+        assert_eq!(got, Some((SNAP.1, (1 << 20) + 17)));
+        assert_eq!(
+            probe_newest(&follower, LEADER, SNAP.0 + 1).await.unwrap(),
+            None
+        );
+        // What the poll named is fetched by its LSN (the resolver above matches the term too).
+        let dest = dir.join("snap.fetched");
+        fetch(&follower, &dest).await.unwrap();
+        assert_same(&src, &dest);
         leader.close().await;
         follower.close().await;
     });

@@ -2,14 +2,17 @@
 //! §9): runs on every node and acts only while the node leads shard 0, so it moves with that
 //! leadership.
 //!
-//! Every [`BackupConfig::interval`] the acting manager takes, for every shard, the newest
-//! snapshot file this node holds (a verified file: crc of every section, chain, digest and the
-//! footer MAC in the card), uploads the ones newer than the last manifest's with a conditional
-//! create under a name carrying the file's xxh3-64 (`snapshots/shard-S/{lsn:016x}-{hash:016x}
-//! .ksnap`: one name, one content), then writes the manifest naming them, MACed in the card,
-//! again with a conditional create, as the round's last object. A manager killed mid-round leaves
-//! at most snapshot objects no manifest names (a restore never sees them); never a manifest
-//! naming an object that is not complete — an object becomes visible only once whole.
+//! Every [`BackupConfig::interval`] the acting manager polls every node for its newest snapshot
+//! of every shard (a chunk request for `NEWEST_LSN` over the snapshot stream: LSN and size),
+//! takes the highest-LSN one — its own, or fetched from that node over the snapshot stream
+//! (checked chunks, resumed) — checks it (crc of every section, chain, digest and the footer MAC
+//! in the card), uploads the ones newer than the last manifest's with a conditional create
+//! under a name carrying the file's xxh3-64 (`snapshots/shard-S/{lsn:016x}-{hash:016x}.ksnap`:
+//! one name, one content), then writes the manifest naming them and the archived log ranges
+//! that continue them, MACed in the card, again with a conditional create, as the round's last
+//! object. A manager killed mid-round leaves at most objects no manifest names (a restore never
+//! sees them); never a manifest naming an object that is not complete — an object becomes
+//! visible only once whole.
 //!
 //! Fences: the manifest carries the manager's shard-0 term; a manager that finds a newer
 //! manifest of a higher term (it was deposed) skips its round. A restored cluster writes
@@ -19,9 +22,7 @@
 //! deleted first, then the objects it named that no kept manifest names. Objects no manifest
 //! ever named (a round cut short) are left for the operator (`docs/operations.md`).
 //!
-//! Decisions where the issue is silent: the manager uploads its own node's snapshots (each
-//! replica compacts on its own schedule; a leader's are at least as fresh as a follower's within
-//! one compaction interval). Polling the other nodes for a newer file is not built yet.
+//! A node that does not answer the poll is passed over for that round.
 
 use crate::cluster_cmd::{hex, shard_snapshot_dir};
 use crate::durable::{DurableStore, PutOutcome, StoreError};
@@ -134,6 +135,8 @@ pub struct BackupStatus {
     pub fenced: bool,
     pub rounds: u64,
     pub bytes_uploaded: u64,
+    /// Snapshots fetched from other nodes because they were newer than this node's.
+    pub fetched_from_peers: u64,
 }
 
 impl BackupStatus {
@@ -149,6 +152,7 @@ impl BackupStatus {
             "fenced": self.fenced,
             "rounds": self.rounds,
             "bytes_uploaded": self.bytes_uploaded,
+            "fetched_from_peers": self.fetched_from_peers,
         })
     }
 }
@@ -162,6 +166,8 @@ pub struct Manager {
     pub store: DurableStore,
     pub config: BackupConfig,
     pub status: Rc<RefCell<BackupStatus>>,
+    /// The node's peer transport: the poll and the fetch of other nodes' snapshots.
+    pub peers: Rc<keyfort_net::transport::PeerTransport>,
     /// Names of the archived ranges this manager checked (`check_range`).
     pub checked_ranges: RefCell<std::collections::HashSet<String>>,
 }
@@ -276,13 +282,17 @@ impl Manager {
                 (cluster.shard_count as usize == replicas.len())
                     .then(|| m.shards[shard as usize].clone())
             });
-            let newest = snapshot::list(&shard_snapshot_dir(&self.data_dir, shard))
+            let local = snapshot::list(&shard_snapshot_dir(&self.data_dir, shard))
                 .map_err(|e| Round::Failed(e.to_string()))?
                 .pop();
+            let newest = self.newest_anywhere(shard, local).await;
             let entry = match (newest, prev) {
-                (Some((lsn, path)), prev) if prev.as_ref().is_none_or(|p| lsn > p.lsn) => {
+                (Some((lsn, from)), prev) if prev.as_ref().is_none_or(|p| lsn > p.lsn) => {
                     changed = true;
-                    let (entry, bytes) = self.upload_snapshot(shard, lsn, &path).await?;
+                    let (entry, bytes) = match from {
+                        Source::Here(path) => self.upload_snapshot(shard, lsn, &path).await?,
+                        Source::Peer(node) => self.upload_from_peer(shard, lsn, node).await?,
+                    };
                     uploaded += bytes;
                     entry
                 }
@@ -358,6 +368,62 @@ impl Manager {
             unix_ms: m.created_unix_ms,
             bytes: uploaded,
         }))
+    }
+
+    /// The highest-LSN snapshot of `shard` on any node: this node's newest (`local`) or a
+    /// peer's, found by asking every peer for its newest (`probe_newest`). A peer that does
+    /// not answer is passed over (logged): the round goes on with what it has.
+    async fn newest_anywhere(
+        &self,
+        shard: u32,
+        local: Option<(u64, PathBuf)>,
+    ) -> Option<(u64, Source)> {
+        let mut best = local.map(|(lsn, p)| (lsn, Source::Here(p)));
+        let peers: Vec<u64> = self.peers.peers().keys().copied().collect();
+        for node in peers {
+            match keyfort_net::snapshot_stream::probe_newest(&self.peers, node, shard).await {
+                Ok(Some((lsn, _size))) if best.as_ref().is_none_or(|(b, _)| lsn > *b) => {
+                    best = Some((lsn, Source::Peer(node)));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(node, shard, error = %e, "snapshot poll: no answer"),
+            }
+        }
+        best
+    }
+
+    /// Fetches node `node`'s snapshot of `shard` at `lsn` into [`STAGING_DIR`] over the
+    /// snapshot stream (checked chunks, resumed), then uploads it as [`Self::upload_snapshot`]
+    /// does a local one (every check and the MAC first).
+    async fn upload_from_peer(
+        &self,
+        shard: u32,
+        lsn: u64,
+        node: u64,
+    ) -> Result<(ShardSnapshot, u64), Round> {
+        let staging = self.data_dir.join(STAGING_DIR);
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| Round::Failed(format!("{}: {e}", staging.display())))?;
+        let dest = staging.join(format!(
+            "peer-{node}-shard-{shard}-{}",
+            snapshot::file_name(lsn)
+        ));
+        let _unlink = Unlink(dest.clone());
+        keyfort_net::snapshot_stream::fetch_snapshot(&self.peers, node, shard, lsn, 0, &dest)
+            .await
+            .map_err(|e| {
+                Round::Failed(format!(
+                    "shard {shard} snapshot at lsn {lsn} from node {node}: {e}"
+                ))
+            })?;
+        self.status.borrow_mut().fetched_from_peers += 1;
+        tracing::info!(
+            node,
+            shard,
+            lsn,
+            "snapshot manager: a peer's newer snapshot fetched"
+        );
+        self.upload_snapshot(shard, lsn, &dest).await
     }
 
     /// Verifies the snapshot at `path` (every check and the MAC), hashes it and uploads it
@@ -528,6 +594,12 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// Where the newest snapshot of a shard is.
+enum Source {
+    Here(PathBuf),
+    Peer(u64),
 }
 
 /// Why a round ended without a manifest.

@@ -271,6 +271,12 @@ async fn node(
             shard_snapshot_dir(&snap_root, shard).join(keyfort_engine::snapshot::file_name(lsn));
         p.exists().then_some(p)
     }));
+    let newest_root = cfg.data_dir.clone();
+    transport.serve_newest_snapshots(Rc::new(move |shard: u32| {
+        keyfort_engine::snapshot::list(&shard_snapshot_dir(&newest_root, shard))
+            .ok()?
+            .pop()
+    }));
     let config_of = replicas.clone();
     transport.serve_config(Rc::new(move || {
         let r = config_of.borrow().first().cloned()?;
@@ -452,6 +458,7 @@ async fn node(
                 manifests_kept: cfg.manifests_kept.unwrap_or(defaults.manifests_kept),
             },
             status: backup.clone(),
+            peers: transport.clone(),
             checked_ranges: RefCell::default(),
         });
         glommio::spawn_local_into(manager.run(), queues.background)

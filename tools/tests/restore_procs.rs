@@ -3,6 +3,8 @@
 //! clients write and the manager's node is SIGKILLed; then every node and disk is lost and
 //! `keyfort restore` brings a new cluster back:
 //!
+//! * only node 3 makes snapshots: the manager, on another node, polls every node for its
+//!   newest and fetches node 3's over the snapshot stream;
 //! * with no write after the last acknowledged one, the log archive alone brings a manifest to
 //!   it (the snapshots lag: one every 50 records);
 //! * every acknowledged key is there on the new cluster and decrypts its envelope; every node
@@ -33,6 +35,11 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const KEYS_PER_PARTITION: usize = 60;
 const AAD: &[u8] = b"restore test";
 const PREFIX: &str = "dr";
+/// The node (index) that alone makes snapshots.
+const SNAPSHOT_MAKER: usize = 2;
+/// Keys per partition written once the manager runs away from the snapshot maker: enough for
+/// it to compact (every 50 records) again.
+const FILLER_KEYS: usize = 60;
 
 fn keyfort() -> &'static Path {
     env!("CARGO_BIN_EXE_keyfort").as_ref()
@@ -162,10 +169,13 @@ fn a_cluster_lost_whole_comes_back_from_s3_with_every_backed_up_key() {
     c.configure(|v| {
         v["durable_store"] = url.clone().into();
         v["backup_interval_ms"] = 100.into();
-        v["compaction_records"] = 50.into();
+        v["compaction_records"] = 1_000_000.into();
         v["manifests_kept"] = 4.into();
     })
     .unwrap();
+    // Only node 3 makes snapshots: a manager elsewhere must poll it and fetch them.
+    c.configure_node(SNAPSHOT_MAKER, |v| v["compaction_records"] = 50.into())
+        .unwrap();
     c.start_all().unwrap();
     let croot = c.root.clone();
     assert!(
@@ -194,6 +204,25 @@ fn a_cluster_lost_whole_comes_back_from_s3_with_every_backed_up_key() {
             written.push((p, k, plain, env));
         }
     }
+    // The manager moves off the snapshot maker, which then compacts again: the manager's
+    // manifests must carry snapshots it polled for and fetched from node 3.
+    if c.leader(0) == Some(SNAPSHOT_MAKER) {
+        c.kill9(SNAPSHOT_MAKER);
+        c.start(SNAPSHOT_MAKER).unwrap();
+    }
+    assert!(
+        c.wait_for(TIMEOUT, |c| c
+            .leader(0)
+            .is_some_and(|l| l != SNAPSHOT_MAKER)),
+        "shard 0 has no leader besides node 3 (kept in {})",
+        keep(&croot)
+    );
+    let manager = c.leader(0).unwrap();
+    for _ in 0..FILLER_KEYS {
+        for client in &clients {
+            client.create_key(b"filler", false).expect("filler");
+        }
+    }
     let target = commits(&admin);
     // No more writes: the log archive alone must bring a manifest to every acknowledged key
     // within seconds (snapshots are made every 50 records, so the newest one lags).
@@ -214,6 +243,13 @@ fn a_cluster_lost_whole_comes_back_from_s3_with_every_backed_up_key() {
     eprintln!(
         "manifest {first_seq} reaches {target:?} {:.1} s after the last write",
         t.elapsed().as_secs_f64()
+    );
+    let polled = c.status_json(manager).unwrap()["backup"]["fetched_from_peers"].as_u64();
+    assert!(
+        polled.is_some_and(|n| n > 0),
+        "the manager (node {}) fetched no snapshot from node 3 (kept in {})",
+        manager + 1,
+        keep(&croot)
     );
     c.kill_all();
     for n in &c.nodes {
