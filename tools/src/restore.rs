@@ -654,8 +654,11 @@ async fn fetch_verify_write(
         footers.push(f);
     }
     let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
-    for ((_, dir), member) in nodes.iter().zip(&cluster.members) {
-        let s = |e: keyfort_engine::cluster::ClusterError| e.to_string();
+    let s = |e: keyfort_engine::cluster::ClusterError| e.to_string();
+    // Snapshots and config first (cheap: links), then every node's every shard log at once
+    // (each log prepares its first segment: the writes overlap).
+    let mut logs = Vec::new();
+    for (_, dir) in nodes {
         write_durable(dir, CLUSTER_CONFIG_FILE, &config).map_err(s)?;
         for (shard, (file, f)) in files.iter().zip(&footers).enumerate() {
             let shard = shard as u32;
@@ -669,43 +672,21 @@ async fn fetch_verify_write(
                     .map_err(|e| io(&dest, e))?;
             }
             keyfort_engine::wbl::segment::sync_dir(&sdir).map_err(|e| io(&sdir, e))?;
-            let wdir = shard_wbl_dir(dir, shard);
-            let (wbl, _) = Wbl::open(&wdir, WblOptions::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let w = |e: keyfort_engine::wbl::WblError| format!("{}: {e}", wdir.display());
-            if wbl.last_lsn() != 0 {
-                return Err(format!("{}: log not empty", wdir.display()));
-            }
-            wbl.reset_to(f.lsn + 1, f.chain_head, f.term)
-                .await
-                .map_err(w)?;
-            for r in &tails[shard as usize] {
-                // The old cluster's membership changes and archive marks are not the new
-                // cluster's: each keeps its LSN and term as an empty entry.
-                let (kind, payload) = as_written(r);
-                // Durable with the restore record after them (one group commit).
-                drop(
-                    wbl.append(kind, r.lsn, r.term, payload.to_vec())
-                        .map_err(w)?,
-                );
-            }
-            let rs = &restored[shard as usize];
-            let (at, term) = (rs.restored_lsn + 1, rs.last_term + 1);
-            wbl.append(record.kind(), at, term, record.encode())
-                .map_err(w)?
-                .await
-                .map_err(w)?;
-            wbl.set_hard_state(HardState {
-                term,
-                vote: 0,
-                commit: at,
-            })
-            .map_err(w)?
-            .await
-            .map_err(w)?;
-            wbl.close().await.map_err(w)?;
+            let (wdir, f, tail) = (
+                shard_wbl_dir(dir, shard),
+                f.clone(),
+                tails[shard as usize].clone(),
+            );
+            let (rs, record) = (restored[shard as usize].clone(), record.clone());
+            logs.push(glommio::spawn_local(async move {
+                write_log(&wdir, &f, &tail, &rs, &record).await
+            }));
         }
+    }
+    for log in logs {
+        log.await?;
+    }
+    for ((_, dir), member) in nodes.iter().zip(&cluster.members) {
         crate::recovery_report::write_marker(
             dir,
             Duration::from_secs_f64((fetch_ms + archive_ms) / 1e3),
@@ -732,6 +713,51 @@ async fn fetch_verify_write(
             ("write", write_ms),
         ],
     })
+}
+
+/// One restored shard log: reset to start after the snapshot (footer `f`), the archived
+/// records after it, the restore record, committed.
+async fn write_log(
+    wdir: &Path,
+    f: &keyfort_engine::snapshot::Footer,
+    tail: &[TailRecord],
+    rs: &RestoredShard,
+    record: &Op,
+) -> Result<(), String> {
+    let (wbl, _) = Wbl::open(wdir, WblOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let w = |e: keyfort_engine::wbl::WblError| format!("{}: {e}", wdir.display());
+    if wbl.last_lsn() != 0 {
+        return Err(format!("{}: log not empty", wdir.display()));
+    }
+    wbl.reset_to(f.lsn + 1, f.chain_head, f.term)
+        .await
+        .map_err(w)?;
+    for r in tail {
+        // The old cluster's membership changes and archive marks are not the new cluster's:
+        // each keeps its LSN and term as an empty entry.
+        let (kind, payload) = as_written(r);
+        // Durable with the restore record after them (one group commit).
+        drop(
+            wbl.append(kind, r.lsn, r.term, payload.to_vec())
+                .map_err(w)?,
+        );
+    }
+    let (at, term) = (rs.restored_lsn + 1, rs.last_term + 1);
+    wbl.append(record.kind(), at, term, record.encode())
+        .map_err(w)?
+        .await
+        .map_err(w)?;
+    wbl.set_hard_state(HardState {
+        term,
+        vote: 0,
+        commit: at,
+    })
+    .map_err(w)?
+    .await
+    .map_err(w)?;
+    wbl.close().await.map_err(w)
 }
 
 /// Records of the old cluster that a restore writes as empty entries: its raft membership
