@@ -5,8 +5,8 @@
 //!
 //! * only node 3 makes snapshots: the manager, on another node, polls every node for its
 //!   newest and fetches node 3's over the snapshot stream;
-//! * with no write after the last acknowledged one, the log archive alone brings a manifest to
-//!   it (the snapshots lag: one every 50 records);
+//! * the snapshot maker then dies; with no write after the last acknowledged one, the log
+//!   archive alone brings a manifest to it, and the restore replays archived records;
 //! * every acknowledged key is there on the new cluster and decrypts its envelope; every node
 //!   reaches the digest the restore announced, under a new raft id, reports the durable tier
 //!   with its phases (also through `keyfort cluster status`); a write works; the old cluster
@@ -40,6 +40,8 @@ const SNAPSHOT_MAKER: usize = 2;
 /// Keys per partition written once the manager runs away from the snapshot maker: enough for
 /// it to compact (every 50 records) again.
 const FILLER_KEYS: usize = 60;
+/// Keys per partition written once no node makes snapshots any more.
+const TAIL_KEYS: usize = 10;
 
 fn keyfort() -> &'static Path {
     env!("CARGO_BIN_EXE_keyfort").as_ref()
@@ -221,6 +223,20 @@ fn a_cluster_lost_whole_comes_back_from_s3_with_every_backed_up_key() {
     for _ in 0..FILLER_KEYS {
         for client in &clients {
             client.create_key(b"filler", false).expect("filler");
+        }
+    }
+    // The snapshot maker goes down for good: what follows reaches the backup only through the
+    // log archive.
+    c.kill9(SNAPSHOT_MAKER);
+    for i in 0..TAIL_KEYS {
+        for (p, client) in clients.iter().enumerate() {
+            let k = client
+                .create_key(b"tail", false)
+                .expect("tail create")
+                .key_id;
+            let plain = format!("tail key {i} of partition {p}").into_bytes();
+            let (_, env) = client.encrypt(k, AAD, &plain).expect("encrypt");
+            written.push((p, k, plain, env));
         }
     }
     let target = commits(&admin);
