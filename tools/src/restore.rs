@@ -35,6 +35,7 @@ use keyfort_engine::manifest::{manifest_name, manifest_seq, Manifest};
 use keyfort_engine::snapshot::{self, Snapshot};
 use keyfort_engine::state::{Op, StateDigest, StateMachine};
 use keyfort_engine::wbl::record::chain_next;
+use keyfort_engine::wbl::segment::PrepMethod;
 use keyfort_engine::wbl::{HardState, RecordKind, Wbl, WblOptions};
 use keyfort_hsm::CoreSession;
 use std::path::{Path, PathBuf};
@@ -724,9 +725,15 @@ async fn write_log(
     rs: &RestoredShard,
     record: &Op,
 ) -> Result<(), String> {
-    let (wbl, _) = Wbl::open(wdir, WblOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    // The first segment is only fallocated, not zero-filled: a restore writes every node's
+    // every shard log at once, and zero-filling them (64 MiB each) took most of a second here;
+    // the node's first appends into it pay the extent conversion instead (DESIGN.md, disk
+    // facts), and it zero-fills its later segments as configured.
+    let opts = WblOptions {
+        prep_method: PrepMethod::Fallocate,
+        ..WblOptions::default()
+    };
+    let (wbl, _) = Wbl::open(wdir, opts).await.map_err(|e| e.to_string())?;
     let w = |e: keyfort_engine::wbl::WblError| format!("{}: {e}", wdir.display());
     if wbl.last_lsn() != 0 {
         return Err(format!("{}: log not empty", wdir.display()));
