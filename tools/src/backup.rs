@@ -6,11 +6,12 @@
 //! of every shard (a chunk request for `NEWEST_LSN` over the snapshot stream: LSN and size),
 //! takes the highest-LSN one — its own, or fetched from that node over the snapshot stream
 //! (checked chunks, resumed) — checks it (crc of every section, chain, digest and the footer MAC
-//! in the card), uploads the ones newer than the last manifest's with a conditional create
+//! in the card), and uploads the ones newer than the last manifest's with a conditional create
 //! under a name carrying the file's xxh3-64 (`snapshots/shard-S/{lsn:016x}-{hash:016x}.ksnap`:
-//! one name, one content), then writes the manifest naming them and the archived log ranges
-//! that continue them, MACed in the card, again with a conditional create, as the round's last
-//! object. A manager killed mid-round leaves at most objects no manifest names (a restore never
+//! one name, one content) — in a task of its own, so that rounds go on meanwhile. Each round
+//! writes a manifest, when anything changed, naming the newest uploaded snapshot of every shard
+//! and the archived log ranges that continue them, MACed in the card, again with a conditional
+//! create, as the round's last object. A manager killed mid-round leaves at most objects no manifest names (a restore never
 //! sees them); never a manifest naming an object that is not complete — an object becomes
 //! visible only once whole.
 //!
@@ -120,8 +121,6 @@ pub struct Written {
     /// snapshot's).
     pub restorable: Vec<u64>,
     pub unix_ms: u64,
-    /// Bytes this round uploaded (snapshots; the archive counts its own).
-    pub bytes: u64,
 }
 
 /// What the manager last did, for `status.json` and `keyfort cluster status`.
@@ -168,6 +167,10 @@ pub struct Manager {
     pub status: Rc<RefCell<BackupStatus>>,
     /// The node's peer transport: the poll and the fetch of other nodes' snapshots.
     pub peers: Rc<keyfort_net::transport::PeerTransport>,
+    /// Snapshots this manager uploaded, per shard, for the next manifest.
+    pub uploaded: RefCell<std::collections::HashMap<u32, ShardSnapshot>>,
+    /// An upload task runs.
+    pub uploading: std::cell::Cell<bool>,
     /// Names of the archived ranges this manager checked (`check_range`).
     pub checked_ranges: RefCell<std::collections::HashSet<String>>,
 }
@@ -201,11 +204,9 @@ impl Manager {
                         manifest = %w.name,
                         lsns = ?w.lsns,
                         restorable = ?w.restorable,
-                        bytes = w.bytes,
                         ms = t.elapsed().as_secs_f64() * 1e3,
                         "backup manifest written"
                     );
-                    st.bytes_uploaded += w.bytes;
                     st.last = Some(w);
                     st.error = None;
                 }
@@ -229,7 +230,7 @@ impl Manager {
     }
 
     /// One round: what it wrote, if it wrote a manifest.
-    async fn round(&self) -> Result<Option<Written>, Round> {
+    async fn round(self: &Rc<Self>) -> Result<Option<Written>, Round> {
         let f = |e: StoreError| Round::Failed(e.to_string());
         let fence = fence_object(&self.cluster_id);
         if self.store.head(&fence).await.map_err(f)?.is_some() {
@@ -273,34 +274,49 @@ impl Manager {
             }
             _ => None,
         };
+        // Per shard: the previous manifest's snapshot, or a newer one this manager has uploaded
+        // since. Newer snapshots anywhere are uploaded by a task of their own: a 100 MB upload
+        // takes seconds, and manifests naming the newest archived ranges keep coming meanwhile
+        // (the RPO is the archive's, not an upload's).
         let mut shards = Vec::with_capacity(replicas.len());
-        let mut uploaded = 0;
         let mut changed = previous.is_none();
+        let mut wanted = Vec::new();
+        let mut missing = false;
         for shard in 0..replicas.len() as u32 {
             let prev = previous.as_ref().and_then(|m| {
                 let cluster = m.cluster().ok()?;
                 (cluster.shard_count as usize == replicas.len())
                     .then(|| m.shards[shard as usize].clone())
             });
-            let local = snapshot::list(&shard_snapshot_dir(&self.data_dir, shard))
-                .map_err(|e| Round::Failed(e.to_string()))?
-                .pop();
-            let newest = self.newest_anywhere(shard, local).await;
-            let entry = match (newest, prev) {
-                (Some((lsn, from)), prev) if prev.as_ref().is_none_or(|p| lsn > p.lsn) => {
-                    changed = true;
-                    let (entry, bytes) = match from {
-                        Source::Here(path) => self.upload_snapshot(shard, lsn, &path).await?,
-                        Source::Peer(node) => self.upload_from_peer(shard, lsn, node).await?,
-                    };
-                    uploaded += bytes;
-                    entry
+            let done = self
+                .uploaded
+                .borrow()
+                .get(&shard)
+                .cloned()
+                .filter(|u| prev.as_ref().is_none_or(|p| u.lsn > p.lsn));
+            changed |= done.is_some();
+            let base = done.or(prev);
+            if !self.uploading.get() {
+                let local = snapshot::list(&shard_snapshot_dir(&self.data_dir, shard))
+                    .map_err(|e| Round::Failed(e.to_string()))?
+                    .pop();
+                if let Some((lsn, from)) = self.newest_anywhere(shard, local).await {
+                    if base.as_ref().is_none_or(|b| lsn > b.lsn) {
+                        wanted.push((shard, lsn, from));
+                    }
                 }
-                (_, Some(prev)) => prev,
-                (None, None) => return Ok(None), // a shard without a snapshot yet
-                (Some(_), None) => unreachable!("matched by the first arm"),
-            };
-            shards.push(entry);
+            }
+            match base {
+                Some(b) => shards.push(b),
+                None => missing = true,
+            }
+        }
+        if !wanted.is_empty() {
+            self.uploading.set(true);
+            glommio::spawn_local(self.clone().upload(wanted)).detach();
+        }
+        if missing {
+            return Ok(None); // a shard with no snapshot uploaded yet
         }
         let mut archives = Vec::new();
         for s in &shards {
@@ -366,8 +382,30 @@ impl Manager {
             lsns: m.shards.iter().map(|s| s.lsn).collect(),
             restorable,
             unix_ms: m.created_unix_ms,
-            bytes: uploaded,
         }))
+    }
+
+    /// Uploads `wanted` snapshots (shard, LSN, where) one after another; each done is named by
+    /// the next round's manifest. Stops at the first failure (the next round asks again).
+    async fn upload(self: Rc<Self>, wanted: Vec<(u32, u64, Source)>) {
+        for (shard, lsn, from) in wanted {
+            let r = match from {
+                Source::Here(path) => self.upload_snapshot(shard, lsn, &path).await,
+                Source::Peer(node) => self.upload_from_peer(shard, lsn, node).await,
+            };
+            match r {
+                Ok((entry, bytes)) => {
+                    self.status.borrow_mut().bytes_uploaded += bytes;
+                    self.uploaded.borrow_mut().insert(shard, entry);
+                }
+                Err(Round::Failed(e) | Round::Fenced(e)) => {
+                    tracing::warn!(shard, lsn, error = %e, "snapshot upload failed; retried");
+                    self.status.borrow_mut().error = Some(e);
+                    break;
+                }
+            }
+        }
+        self.uploading.set(false);
     }
 
     /// The highest-LSN snapshot of `shard` on any node: this node's newest (`local`) or a

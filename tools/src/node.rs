@@ -459,6 +459,8 @@ async fn node(
             },
             status: backup.clone(),
             peers: transport.clone(),
+            uploaded: RefCell::default(),
+            uploading: Cell::new(false),
             checked_ranges: RefCell::default(),
         });
         glommio::spawn_local_into(manager.run(), queues.background)
