@@ -32,7 +32,8 @@
 //!    reports the digests the restore announced (snapshot + archived ranges), a linearizable
 //!    read and a key create succeeded through the client protocol, and every node agrees. The
 //!    restore's per-shard snapshot digest is compared with the old cluster's own snapshot file
-//!    at the manifest's LSN (`manifest_digest_match`).
+//!    at that LSN, from any node, read before the disaster (`manifest_digest_match`: null when
+//!    no node still held it).
 //!
 //!    `rpo_s` is measured on the writer's keys: the time from the first acknowledged key the
 //!    restored cluster lacks to the disaster (0 when none is lost). The newest manifest's age
@@ -866,18 +867,22 @@ fn backup_status(c: &LocalCluster) -> Option<Value> {
         .max_by_key(|b| b["seq"].as_u64().unwrap_or(0))
 }
 
-/// Per shard, the digest of the old cluster's own snapshot at `lsns[shard]` (any node's, every
-/// check but the MAC), if a node still holds it.
-fn snapshot_digests(c: &LocalCluster, lsns: &[u64]) -> Vec<Option<String>> {
-    use keyfort_engine::snapshot::{file_name, Snapshot};
-    lsns.iter()
-        .enumerate()
-        .map(|(s, lsn)| {
-            c.nodes.iter().find_map(|n| {
-                let dir = crate::cluster_cmd::shard_snapshot_dir(&n.data_dir, s as u32);
-                let snap = Snapshot::open_without_mac(&dir.join(file_name(*lsn))).ok()?;
-                Some(snap.digest().to_string())
-            })
+/// Per shard, the digest of every snapshot file any node of the old cluster holds, by LSN
+/// (every check but the MAC): what the restored snapshots are compared with.
+fn snapshot_digests(c: &LocalCluster, shards: u32) -> Vec<std::collections::BTreeMap<u64, String>> {
+    use keyfort_engine::snapshot::{list, Snapshot};
+    (0..shards)
+        .map(|s| {
+            let mut out = std::collections::BTreeMap::new();
+            for n in &c.nodes {
+                let dir = crate::cluster_cmd::shard_snapshot_dir(&n.data_dir, s);
+                for (lsn, path) in list(&dir).unwrap_or_default() {
+                    if let Ok(snap) = Snapshot::open_without_mac(&path) {
+                        out.insert(lsn, snap.digest().to_string());
+                    }
+                }
+            }
+            out
         })
         .collect()
 }
@@ -924,13 +929,7 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
     }
     d.wait("settle before the disaster", |_| d.settled(true))?;
     let backup = backup_status(&d.c).ok_or("no backup status")?;
-    let manifest_lsns: Vec<u64> = backup["lsns"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_u64)
-        .collect();
-    let old_digests = snapshot_digests(&d.c, &manifest_lsns);
+    let old_digests = snapshot_digests(&d.c, d.c.shards);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (acked, disaster_ms, commits) = std::thread::scope(|sc| {
         let w = sc.spawn(|| writer(&d.clients[1 % d.clients.len()], &stop));
@@ -1016,13 +1015,15 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
     let served_s = secs(t0.elapsed());
     d.wait("restored nodes agree", |_| d.settled(false))?;
     let durable_s = secs(t0.elapsed());
-    // The restored state at the manifest's LSN is the old cluster's own snapshot at that LSN.
-    let digest_match: Vec<bool> = shards
+    // The restored snapshot of each shard is the old cluster's own snapshot at that LSN: true
+    // or false when a node held that file before the disaster, null when none still did
+    // (each node keeps its two newest; the manager may have taken an older one's upload).
+    let digest_match: Vec<Option<bool>> = shards
         .iter()
         .map(|s| {
             let i = s["shard"].as_u64().unwrap_or(u64::MAX) as usize;
-            s["lsn"].as_u64() == manifest_lsns.get(i).copied()
-                && old_digests.get(i).and_then(|d| d.as_deref()) == s["digest"].as_str()
+            let known = old_digests.get(i)?.get(&s["lsn"].as_u64()?)?;
+            Some(Some(known.as_str()) == s["digest"].as_str())
         })
         .collect();
     let restored_keys: u64 = shards.iter().filter_map(|s| s["keys"].as_u64()).sum();

@@ -225,6 +225,17 @@ fn a_cluster_lost_whole_comes_back_from_s3_with_every_backed_up_key() {
             client.create_key(b"filler", false).expect("filler");
         }
     }
+    // The manager polled node 3, found its newer snapshot and fetched it.
+    assert!(
+        c.wait_for(TIMEOUT, |c| c
+            .status_json(manager)
+            .is_some_and(|v| v["backup"]["fetched_from_peers"]
+                .as_u64()
+                .is_some_and(|n| n > 0))),
+        "the manager (node {}) fetched no snapshot from node 3 (kept in {})",
+        manager + 1,
+        keep(&croot)
+    );
     // The snapshot maker goes down for good: what follows reaches the backup only through the
     // log archive.
     c.kill9(SNAPSHOT_MAKER);
@@ -259,13 +270,6 @@ fn a_cluster_lost_whole_comes_back_from_s3_with_every_backed_up_key() {
     eprintln!(
         "manifest {first_seq} reaches {target:?} {:.1} s after the last write",
         t.elapsed().as_secs_f64()
-    );
-    let polled = c.status_json(manager).unwrap()["backup"]["fetched_from_peers"].as_u64();
-    assert!(
-        polled.is_some_and(|n| n > 0),
-        "the manager (node {}) fetched no snapshot from node 3 (kept in {})",
-        manager + 1,
-        keep(&croot)
     );
     c.kill_all();
     for n in &c.nodes {
