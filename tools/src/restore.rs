@@ -425,11 +425,7 @@ fn candidate_manifests(
         return Err(format!(
             "no complete manifest in {}: {}",
             store.url(),
-            skipped
-                .iter()
-                .map(|(m, w)| format!("{m}: {w}"))
-                .collect::<Vec<_>>()
-                .join("; ")
+            passed_over(&skipped)
         ));
     }
     Ok((complete, skipped))
@@ -480,12 +476,17 @@ fn verified_manifest(
     Err(format!(
         "no manifest in {} verifies: {}",
         store.url(),
-        skipped
-            .iter()
-            .map(|(m, w)| format!("{m}: {w}"))
-            .collect::<Vec<_>>()
-            .join("; ")
+        passed_over(&skipped)
     ))
+}
+
+/// The manifests passed over and why, for an error message.
+fn passed_over(skipped: &[(String, String)]) -> String {
+    skipped
+        .iter()
+        .map(|(m, w)| format!("{m}: {w}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// One shard of a restore beyond its snapshot.

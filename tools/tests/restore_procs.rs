@@ -19,10 +19,10 @@
 //! * a snapshot object altered in the bucket is refused, naming the object, and the failed
 //!   restore leaves no data dir behind.
 
+mod common;
+
 use keyfort_bench::local_cluster::{keep_failed as keep, LocalCluster};
 use keyfort_bench::s3_server::S3Server;
-use keyfort_engine::cluster::shard_of;
-use keyfort_hsm::PartitionId;
 use keyfort_net::client::{Client, ClientOptions, Credential};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -52,28 +52,11 @@ fn connect(c: &LocalCluster, cred: &Credential) -> Client {
         request_timeout: Duration::from_secs(10),
         ..ClientOptions::default()
     };
-    let t = Instant::now();
-    loop {
-        match Client::connect(c.client_addrs(), cred.clone(), opts.clone()) {
-            Ok(client) => return client,
-            Err(e) if t.elapsed() < TIMEOUT => {
-                eprintln!("connect: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("no node accepts {:?}: {e}", cred.scope),
-        }
-    }
+    common::connect(c, cred, &opts, TIMEOUT)
 }
 
 fn partition_on(admin: &Client, shard: u32) -> ([u8; 16], Credential) {
-    let p = loop {
-        let p: [u8; 16] = rand::random();
-        if shard_of(&PartitionId(p), SHARDS) == shard {
-            break p;
-        }
-    };
-    let (_, cred) = admin.create_partition(p).expect("partition create");
-    (p, cred)
+    common::partition_on(admin, shard, SHARDS)
 }
 
 /// Per shard, the highest commit any node reports.

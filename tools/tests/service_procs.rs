@@ -15,6 +15,8 @@
 //! The tests run one at a time (each starts three nodes; the machine may have two cores).
 //! `KEYFORT_SOAK=1` makes the kill test run more rounds.
 
+mod common;
+
 use keyfort_bench::local_cluster::LocalCluster;
 use keyfort_engine::cluster::shard_of;
 use keyfort_hsm::PartitionId;
@@ -84,17 +86,7 @@ fn opts() -> ClientOptions {
 
 /// A client of `cred` over every node, retried until the nodes listen.
 fn connect(c: &LocalCluster, cred: &Credential) -> Client {
-    let t = Instant::now();
-    loop {
-        match Client::connect(c.client_addrs(), cred.clone(), opts()) {
-            Ok(client) => return client,
-            Err(e) if t.elapsed() < PROGRESS_TIMEOUT => {
-                eprintln!("connect: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("no node accepts {:?}: {e}", cred.scope),
-        }
-    }
+    common::connect(c, cred, &opts(), PROGRESS_TIMEOUT)
 }
 
 /// A started cluster with a leader per shard and an admin client.
@@ -118,15 +110,7 @@ fn up(root: &Path) -> (LocalCluster, Client) {
 
 /// A new partition on `shard` (ids drawn until one lands there) and its first credential.
 fn partition_on(admin: &Client, shard: u32) -> ([u8; 16], Credential) {
-    let p = loop {
-        let p: [u8; 16] = rand::random();
-        if shard_of(&PartitionId(p), SHARDS) == shard {
-            break p;
-        }
-    };
-    let (_, cred) = admin.create_partition(p).expect("partition create");
-    assert_eq!(cred.scope, Scope::Partition(p));
-    (p, cred)
+    common::partition_on(admin, shard, SHARDS)
 }
 
 /// Every node's status (admin `cluster_status`), or why some node did not answer.

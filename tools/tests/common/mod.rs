@@ -1,0 +1,44 @@
+//! Helpers shared by the multi-process tests of the client service (`service_procs`,
+//! `restore_procs`).
+#![allow(dead_code)]
+
+use keyfort_bench::local_cluster::LocalCluster;
+use keyfort_engine::cluster::shard_of;
+use keyfort_hsm::PartitionId;
+use keyfort_net::client::{Client, ClientOptions, Credential};
+use keyfort_net::client_proto::Scope;
+use std::time::{Duration, Instant};
+
+/// A client of `cred` over every node of `c`, retried until the nodes listen or `timeout`.
+pub fn connect(
+    c: &LocalCluster,
+    cred: &Credential,
+    opts: &ClientOptions,
+    timeout: Duration,
+) -> Client {
+    let t = Instant::now();
+    loop {
+        match Client::connect(c.client_addrs(), cred.clone(), opts.clone()) {
+            Ok(client) => return client,
+            Err(e) if t.elapsed() < timeout => {
+                eprintln!("connect: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("no node accepts {:?}: {e}", cred.scope),
+        }
+    }
+}
+
+/// A new partition on `shard` of `shards` (ids drawn until one lands there) and its first
+/// credential.
+pub fn partition_on(admin: &Client, shard: u32, shards: u32) -> ([u8; 16], Credential) {
+    let p = loop {
+        let p: [u8; 16] = rand::random();
+        if shard_of(&PartitionId(p), shards) == shard {
+            break p;
+        }
+    };
+    let (_, cred) = admin.create_partition(p).expect("partition create");
+    assert_eq!(cred.scope, Scope::Partition(p));
+    (p, cred)
+}
