@@ -8,6 +8,7 @@ pub mod disk;
 pub mod loadgen;
 pub mod local_cluster;
 pub mod s3_server;
+pub mod target;
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
