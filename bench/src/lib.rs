@@ -9,6 +9,7 @@ pub mod loadgen;
 pub mod local_cluster;
 pub mod s3_server;
 pub mod target;
+pub mod workload;
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
