@@ -1,11 +1,18 @@
 //! The load generator's behaviour (never its timings): the workload mixes and their key choice
 //! from fixed seeds, the open loop charging a target's stall to latency (coordinated omission
 //! corrected) over tiny in-test targets, and one short run against a real 3-node cluster.
+//!
+//! The cluster test runs the `keyfort` and `keyfortd` binaries beside this test's target dir
+//! (`cargo nextest run --workspace` builds them; when they are missing it builds them with
+//! `cargo build -p keyfort-tools --bins`).
 
+use keyfort_bench::keyfort_target::{start_local_cluster, KeyfortOptions, KeyfortTarget};
 use keyfort_bench::loadgen::{max_rate_at_p99, run, table, Mode, RunSpec};
+use keyfort_bench::local_cluster::keep_failed;
 use keyfort_bench::target::{Op, Target, Ticket};
 use keyfort_bench::workload::{Chooser, Workload, Zipf, CHURN_WINDOW, DEFAULT_ZIPF};
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -336,4 +343,84 @@ fn rate_search_reports_the_highest_passing_rate() {
     assert_eq!((best, runs.len()), (200.0, 2));
     let (best, runs) = max_rate_at_p99(&t, &spec, 5.0, &[100.0, 200.0]);
     assert_eq!((best, runs.len()), (0.0, 1));
+}
+
+/// `keyfort` and `keyfortd` of this build (target/<profile>/), built when missing.
+fn binaries() -> (PathBuf, PathBuf) {
+    let exe = std::env::current_exe().expect("test exe");
+    // target/<profile>/deps/loadgen-<hash>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .to_path_buf();
+    let (keyfort, keyfortd) = (dir.join("keyfort"), dir.join("keyfortd"));
+    if !keyfort.exists() || !keyfortd.exists() {
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "keyfort-tools", "--bins"]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("cargo build");
+        assert!(st.success(), "cargo build -p keyfort-tools failed");
+    }
+    (keyfort, keyfortd)
+}
+
+#[test]
+fn real_cluster_answers_every_workload_and_fills_histograms() {
+    const PRELOAD: u64 = 200;
+    let (keyfort, keyfortd) = binaries();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().join("cluster");
+    let (c, creds) =
+        start_local_cluster(&root, &keyfort, &keyfortd, 3, 2, 25).expect("local cluster");
+    let fail = |what: String| -> ! { panic!("{what} (cluster kept in {})", keep_failed(&root)) };
+    let opts = KeyfortOptions {
+        value_size: 256,
+        connections: 4,
+    };
+    let target = KeyfortTarget::connect(&c.client_addrs(), &creds, &opts)
+        .unwrap_or_else(|e| fail(format!("connect: {e}")));
+    assert_eq!((target.partitions(), target.connections()), (2, 4));
+    target
+        .preload(PRELOAD)
+        .unwrap_or_else(|e| fail(format!("preload: {e}")));
+    let runs = [
+        (
+            Workload::UseHeavy,
+            Mode::Open { rate: 300.0 },
+            &["create", "encrypt", "decrypt"][..],
+        ),
+        (
+            Workload::Churn,
+            Mode::Open { rate: 200.0 },
+            &["create", "delete", "encrypt"][..],
+        ),
+        (
+            Workload::CreateHeavy,
+            Mode::Closed { workers: 4 },
+            &["create"][..],
+        ),
+    ];
+    for (workload, mode, ops) in runs {
+        let spec = RunSpec {
+            warmup: Duration::from_millis(200),
+            preloaded: PRELOAD,
+            ..RunSpec::new(workload, mode, Duration::from_millis(1000))
+        };
+        let r = run(&target, &spec);
+        eprintln!("{}", r.line());
+        if r.ok == 0 || r.error_count() > 0 {
+            fail(format!("not every answer ok: {}", r.line()));
+        }
+        assert_eq!(r.target, "keyfort");
+        for op in ops {
+            let n = r.per_op.get(*op).map_or(0, |p| p.count);
+            assert!(n > 0, "no {op} answered: {}", r.line());
+        }
+        let per_op: u64 = r.per_op.values().map(|p| p.count).sum();
+        assert_eq!(per_op, r.ok);
+        assert!(r.overall.max_ms >= r.overall.p99_ms && r.overall.p99_ms > 0.0);
+    }
 }

@@ -1,0 +1,208 @@
+//! keyfort's load generator on the command line: a workload (create-heavy, use-heavy,
+//! churn) driven open loop at a rate, closed loop with N workers, or through a series of
+//! rates for the highest one at a p99 bound; an aligned table on stdout, JSON to a file.
+//!
+//! By default it builds its own local cluster (3 `keyfortd` processes on 127.0.0.1, a SoftHSM
+//! card each, `--shards` shards, one partition per shard), loads it and stops it; with
+//! `--addr` and `--credential` it loads a running cluster's partition instead.
+//!
+//! ```sh
+//! cargo build --release -p keyfort-tools -p keyfort-bench
+//! ./target/release/load --workload use-heavy --rate 1000 --duration 10 --warmup 2 \
+//!     --preload 10000 --connections 8 --shards 2 --json target/load.json
+//! ./target/release/load --workload create-heavy --max-rate 1000,2000,4000,8000 --p99-ms 10
+//! ```
+
+use keyfort_bench::keyfort_target::{
+    start_local_cluster, KeyfortOptions, KeyfortTarget, DEFAULT_VALUE_SIZE,
+};
+use keyfort_bench::loadgen::{max_rate_at_p99, run, table, Mode, RunResult, RunSpec};
+use keyfort_bench::local_cluster::binaries_beside_exe;
+use keyfort_bench::target::Target;
+use keyfort_bench::workload::{Workload, DEFAULT_ZIPF};
+use keyfort_bench::{machine, write_json};
+use keyfort_net::client::Credential;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Parser, Debug)]
+struct Args {
+    /// create-heavy, use-heavy or churn.
+    #[arg(long, default_value = "use-heavy")]
+    workload: Workload,
+    /// Offered operations per second (open loop).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Closed loop with this many workers instead of the open loop.
+    #[arg(long)]
+    closed: Option<usize>,
+    /// Open-loop runs at each of these rates; reports the highest with p99 ≤ --p99-ms.
+    #[arg(long, value_delimiter = ',')]
+    max_rate: Vec<f64>,
+    /// The p99 bound of --max-rate, in ms.
+    #[arg(long, default_value_t = 10.0)]
+    p99_ms: f64,
+    /// Measured seconds of each run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds before each run's measurement, loaded the same way, not recorded.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Keys created (with a ciphertext each) before the runs.
+    #[arg(long, default_value_t = 10_000)]
+    preload: u64,
+    /// Connections, spread over the partitions.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Plaintext bytes of an encrypt.
+    #[arg(long, default_value_t = DEFAULT_VALUE_SIZE)]
+    value_size: usize,
+    /// Zipf exponent of use-heavy key choice.
+    #[arg(long, default_value_t = DEFAULT_ZIPF)]
+    zipf: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Shards of the local cluster (one partition each).
+    #[arg(long, default_value_t = 2)]
+    shards: u32,
+    /// Nodes of the local cluster.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Raft tick of the local cluster's nodes.
+    #[arg(long, default_value_t = 25)]
+    tick_ms: u64,
+    /// Scratch directory of the local cluster (cards, data dirs; removed first).
+    #[arg(long, default_value = "target/load-cluster")]
+    dir: PathBuf,
+    /// A running cluster's client addresses (host:port, comma separated) instead of a local
+    /// cluster; needs --credential.
+    #[arg(long, value_delimiter = ',')]
+    addr: Vec<String>,
+    /// A partition credential file of the running cluster (`keyfort` issues them).
+    #[arg(long)]
+    credential: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
+    /// Writes the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn resolve(addrs: &[String]) -> Result<Vec<SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    addrs
+        .iter()
+        .map(|a| {
+            a.to_socket_addrs()
+                .map_err(|e| format!("{a}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{a}: no address"))
+        })
+        .collect()
+}
+
+fn main() -> Result<(), String> {
+    let args: Args = clap::Parser::parse();
+    // The local cluster lives until the end of main (dropped: every node is stopped).
+    let (cluster, addrs, creds) = if args.addr.is_empty() {
+        let (keyfort, keyfortd) = binaries_beside_exe()?;
+        let t = Instant::now();
+        let (c, creds) = start_local_cluster(
+            &args.dir,
+            &keyfort,
+            &keyfortd,
+            args.nodes,
+            args.shards,
+            args.tick_ms,
+        )?;
+        eprintln!(
+            "local cluster: {} nodes, {} shards, ready in {:.1} s",
+            args.nodes,
+            args.shards,
+            t.elapsed().as_secs_f64()
+        );
+        let addrs = c.client_addrs();
+        (Some(c), addrs, creds)
+    } else {
+        let file = args
+            .credential
+            .as_ref()
+            .ok_or("--addr needs --credential (a partition credential file)")?;
+        let cred = Credential::read_file(file).map_err(|e| e.to_string())?;
+        (None, resolve(&args.addr)?, vec![cred])
+    };
+    let target = KeyfortTarget::connect(
+        &addrs,
+        &creds,
+        &KeyfortOptions {
+            value_size: args.value_size,
+            connections: args.connections,
+        },
+    )?;
+    let t = Instant::now();
+    target.preload(args.preload)?;
+    let preload_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "preloaded {} keys (and a ciphertext each) in {preload_s:.1} s",
+        args.preload
+    );
+
+    let spec = RunSpec {
+        workload: args.workload,
+        mode: match args.closed {
+            Some(workers) => Mode::Closed { workers },
+            None => Mode::Open { rate: args.rate },
+        },
+        duration: Duration::from_secs_f64(args.duration),
+        warmup: Duration::from_secs_f64(args.warmup),
+        preloaded: args.preload,
+        zipf: args.zipf,
+        seed: args.seed,
+        progress: !args.quiet,
+        answer_timeout: keyfort_bench::loadgen::DEFAULT_ANSWER_TIMEOUT,
+    };
+    let (results, best): (Vec<RunResult>, Option<f64>) = if args.max_rate.is_empty() {
+        (vec![run(&target, &spec)], None)
+    } else {
+        let (best, runs) = max_rate_at_p99(&target, &spec, args.p99_ms, &args.max_rate);
+        (runs, Some(best))
+    };
+    print!("{}", table(&results));
+    if let Some(best) = best {
+        println!(
+            "{} {}: highest rate with p99 <= {} ms: {best}/s",
+            target.name(),
+            args.workload,
+            args.p99_ms
+        );
+    }
+    if let Some(path) = &args.json {
+        let out = json!({
+            "machine": machine(),
+            "command": std::env::args().collect::<Vec<_>>(),
+            "cluster": if cluster.is_some() {
+                json!({ "local": true, "nodes": args.nodes, "shards": args.shards, "tick_ms": args.tick_ms })
+            } else {
+                json!({ "local": false, "addrs": args.addr })
+            },
+            "partitions": target.partitions(),
+            "connections": target.connections(),
+            "value_size": args.value_size,
+            "preload": { "keys": args.preload, "seconds": preload_s },
+            "results": results.iter().map(RunResult::to_json).collect::<Vec<_>>(),
+            "max_rate_at_p99": best.map(|b| json!({ "p99_ms": args.p99_ms, "rates": args.max_rate, "per_s": b })),
+        });
+        write_json(path, &out).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    drop(target);
+    if let Some(mut c) = cluster {
+        for i in 0..c.nodes.len() {
+            c.sigterm(i, Duration::from_secs(10));
+        }
+    }
+    Ok(())
+}
