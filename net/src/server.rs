@@ -14,9 +14,13 @@
 //!
 //! A bad frame (magic, crc, version, flags) closes its connection and nothing else: other
 //! connections and their requests go on.
+//!
+//! For metrics (keyfortd's `/metrics`) the server counts every error answer by opcode and code,
+//! and times every decoded request from its decode to its answer being queued, per opcode, in
+//! fixed buckets ([`LATENCY_BUCKETS_US`]): [`ClientServer::request_metrics`].
 
 use crate::client_proto::{
-    proof_context, ErrorCode, ErrorReply, Request, Response, Scope, CHALLENGE_LEN,
+    op, proof_context, ErrorCode, ErrorReply, Request, Response, Scope, CHALLENGE_LEN,
     CLIENT_MAX_FRAME_PAYLOAD, CLIENT_PROTOCOL_VERSION,
 };
 use crate::frame::{self, flags, FrameError, FrameHeader};
@@ -30,7 +34,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 /// Most client connections open at once.
@@ -84,11 +88,83 @@ pub struct ServerStats {
     pub requests: u64,
 }
 
+/// Upper bounds, in microseconds, of the request latency buckets (50 µs to 10 s; slower
+/// requests count only in the implicit `+Inf` bucket).
+pub const LATENCY_BUCKETS_US: [u64; 18] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 7_500_000, 10_000_000,
+];
+
+/// One opcode's request latencies: per-bucket (not cumulative) counts, the total count (those
+/// above the last bound are `count` minus the buckets' sum) and the sum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpLatency {
+    /// `buckets[i]`: requests that took more than `LATENCY_BUCKETS_US[i - 1]` and at most
+    /// `LATENCY_BUCKETS_US[i]`.
+    pub buckets: [u64; LATENCY_BUCKETS_US.len()],
+    pub count: u64,
+    pub sum_ns: u64,
+}
+
+impl OpLatency {
+    pub fn record(&mut self, d: Duration) {
+        let ns = d.as_nanos();
+        if let Some(i) = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| ns <= u128::from(b) * 1000)
+        {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum_ns = self
+            .sum_ns
+            .saturating_add(d.as_nanos().min(u128::from(u64::MAX)) as u64);
+    }
+}
+
+/// Per opcode latencies and error answers, for metrics.
+#[derive(Clone, Debug, Default)]
+pub struct RequestMetrics {
+    /// (opcode, latencies) of every opcode in [`op::ALL`], in that order.
+    pub latency: Vec<(u16, OpLatency)>,
+    /// Error answers by (opcode, code); opcode 0: a framing error (no request).
+    pub errors: Vec<((u16, ErrorCode), u64)>,
+}
+
+/// The name of a client opcode in metrics: `none` for 0 (a framing error's answer), `unknown`
+/// for none of [`op::ALL`].
+pub fn op_name(opcode: u16) -> &'static str {
+    match opcode {
+        op::HELLO => "hello",
+        op::PROOF => "proof",
+        op::ROUTE => "route",
+        op::PARTITION_CREATE => "partition_create",
+        op::PARTITION_DELETE => "partition_delete",
+        op::CREDENTIAL_ISSUE => "credential_issue",
+        op::CLUSTER_STATUS => "cluster_status",
+        op::KEY_CREATE => "key_create",
+        op::KEY_ROTATE => "key_rotate",
+        op::KEY_UPDATE => "key_update",
+        op::KEY_DELETE => "key_delete",
+        op::KEY_DESCRIBE => "key_describe",
+        op::KEY_LIST => "key_list",
+        op::KEY_RESTORE => "key_restore",
+        op::ENCRYPT => "encrypt",
+        op::DECRYPT => "decrypt",
+        op::GENERATE_DATA_KEY => "generate_data_key",
+        0 => "none",
+        _ => "unknown",
+    }
+}
+
 /// The server's shared state on its executor.
 pub struct ClientServer {
     service: Rc<dyn ClientService>,
     in_flight: Cell<usize>,
     stats: RefCell<ServerStats>,
+    /// Indexed like [`op::ALL`].
+    latency: RefCell<[OpLatency; op::ALL.len()]>,
+    errors: RefCell<std::collections::BTreeMap<(u16, u16), u64>>,
 }
 
 impl ClientServer {
@@ -97,11 +173,48 @@ impl ClientServer {
             service,
             in_flight: Cell::new(0),
             stats: RefCell::new(ServerStats::default()),
+            latency: RefCell::default(),
+            errors: RefCell::default(),
         })
     }
 
     pub fn stats(&self) -> ServerStats {
         *self.stats.borrow()
+    }
+
+    /// A copy of the per opcode latencies and error counts.
+    pub fn request_metrics(&self) -> RequestMetrics {
+        let latency = self.latency.borrow();
+        RequestMetrics {
+            latency: op::ALL
+                .iter()
+                .copied()
+                .zip(latency.iter().copied())
+                .collect(),
+            errors: self
+                .errors
+                .borrow()
+                .iter()
+                .filter_map(|(&(o, c), &n)| Some(((o, ErrorCode::from_u16(c)?), n)))
+                .collect(),
+        }
+    }
+
+    /// Records a decoded request's time from `decoded` to now (its answer just queued).
+    fn observe(&self, opcode: u16, decoded: Instant) {
+        if let Some(i) = op::ALL.iter().position(|&o| o == opcode) {
+            self.latency.borrow_mut()[i].record(decoded.elapsed());
+        }
+    }
+
+    /// Queues an error answer and counts it.
+    fn error(&self, out: &Outbox, h: FrameHeader, e: ErrorReply) {
+        *self
+            .errors
+            .borrow_mut()
+            .entry((h.opcode, e.code as u16))
+            .or_default() += 1;
+        out.error(h, e);
     }
 
     /// Binds `addr` and serves it on the current executor until the process ends. Returns
@@ -194,7 +307,8 @@ impl ClientServer {
             };
             self.stats.borrow_mut().requests += 1;
             if h.flags != 0 {
-                out.error(
+                self.error(
+                    out,
                     h,
                     ErrorReply::new(ErrorCode::BadRequest, "a request frame has no flags"),
                 );
@@ -210,29 +324,34 @@ impl ClientServer {
                         crate::client_proto::ProtoError::TooLong { .. } => ErrorCode::TooLarge,
                         _ => ErrorCode::BadRequest,
                     };
-                    out.error(h, ErrorReply::new(code, e.to_string()));
+                    self.error(out, h, ErrorReply::new(code, e.to_string()));
                     continue;
                 }
             };
+            let decoded = Instant::now();
             if matches!(req, Request::Hello { .. } | Request::Proof { .. }) {
-                out.error(
+                self.error(
+                    out,
                     h,
                     ErrorReply::new(ErrorCode::BadRequest, "the connection is authenticated"),
                 );
+                self.observe(h.opcode, decoded);
                 continue;
             }
             if self.service.shutting_down() {
-                out.error(
+                self.error(
+                    out,
                     h,
                     ErrorReply::new(ErrorCode::ShuttingDown, "the node is shutting down"),
                 );
+                self.observe(h.opcode, decoded);
                 continue;
             }
             if conn_in_flight.get() >= MAX_IN_FLIGHT_PER_CONNECTION
                 || self.in_flight.get() >= MAX_IN_FLIGHT_PER_NODE
             {
                 self.stats.borrow_mut().overloaded += 1;
-                out.error(
+                self.error(out,
                     h,
                     ErrorReply::new(
                         ErrorCode::Overloaded,
@@ -242,6 +361,7 @@ impl ClientServer {
                         ),
                     ),
                 );
+                self.observe(h.opcode, decoded);
                 continue;
             }
             conn_in_flight.set(conn_in_flight.get() + 1);
@@ -253,8 +373,9 @@ impl ClientServer {
                 me.in_flight.set(me.in_flight.get() - 1);
                 match r {
                     Ok(resp) => out.answer(h, &resp),
-                    Err(e) => out.error(h, e),
+                    Err(e) => me.error(&out, h, e),
                 }
+                me.observe(h.opcode, decoded);
             })
             .detach();
         }
@@ -276,7 +397,8 @@ impl ClientServer {
                 client_id,
             }) if h.flags == 0 => {
                 if version != CLIENT_PROTOCOL_VERSION {
-                    out.error(
+                    self.error(
+                        out,
                         h,
                         ErrorReply::new(
                             ErrorCode::UnsupportedVersion,
@@ -292,14 +414,19 @@ impl ClientServer {
             }
             Ok(_) => {
                 self.stats.borrow_mut().auth_failures += 1;
-                out.error(
+                self.error(
+                    out,
                     h,
                     ErrorReply::new(ErrorCode::Unauthenticated, "authenticate first (hello)"),
                 );
                 return Ok(None);
             }
             Err(e) => {
-                out.error(h, ErrorReply::new(ErrorCode::BadRequest, e.to_string()));
+                self.error(
+                    out,
+                    h,
+                    ErrorReply::new(ErrorCode::BadRequest, e.to_string()),
+                );
                 return Ok(None);
             }
         };
@@ -318,7 +445,8 @@ impl ClientServer {
             Ok(Request::Proof { response }) if h.flags == 0 => response,
             _ => {
                 self.stats.borrow_mut().auth_failures += 1;
-                out.error(
+                self.error(
+                    out,
                     h,
                     ErrorReply::new(ErrorCode::Unauthenticated, "expected the proof"),
                 );
@@ -337,7 +465,8 @@ impl ClientServer {
             }
             Ok(false) => {
                 self.stats.borrow_mut().auth_failures += 1;
-                out.error(
+                self.error(
+                    out,
                     h,
                     ErrorReply::new(
                         ErrorCode::Unauthenticated,
@@ -347,7 +476,7 @@ impl ClientServer {
                 Ok(None)
             }
             Err(e) => {
-                out.error(h, e);
+                self.error(out, h, e);
                 Ok(None)
             }
         }
@@ -366,7 +495,8 @@ impl ClientServer {
             opcode: 0,
             request_id: request_id.unwrap_or(0),
         };
-        out.error(
+        self.error(
+            out,
             h,
             ErrorReply::new(code, format!("{fe}; closing the connection")),
         );
@@ -473,4 +603,34 @@ async fn refuse(mut stream: TcpStream, e: ErrorReply) {
         .await;
     }
     let _ = stream.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_hold_their_upper_bound() {
+        let mut l = OpLatency::default();
+        l.record(Duration::from_micros(50));
+        l.record(Duration::from_nanos(50_001));
+        l.record(Duration::from_secs(10));
+        l.record(Duration::from_secs(11));
+        assert_eq!(l.buckets[0], 1);
+        assert_eq!(l.buckets[1], 1);
+        assert_eq!(l.buckets[LATENCY_BUCKETS_US.len() - 1], 1);
+        assert_eq!(l.count, 4);
+        assert_eq!(l.buckets.iter().sum::<u64>(), 3);
+        assert_eq!(l.sum_ns, 50_000 + 50_001 + 21_000_000_000);
+        assert!(LATENCY_BUCKETS_US.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn every_opcode_has_a_name() {
+        for o in op::ALL {
+            assert_ne!(op_name(o), "unknown");
+        }
+        assert_eq!(op_name(0), "none");
+        assert_eq!(op_name(0xffff), "unknown");
+    }
 }

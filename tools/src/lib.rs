@@ -12,6 +12,7 @@ pub mod demo_snapshot;
 pub mod drill;
 pub mod durable;
 pub mod join;
+pub mod metrics;
 pub mod node;
 pub mod recovery_report;
 pub mod restore;

@@ -50,6 +50,10 @@ pub struct NodeConfig {
     /// Client listener (docs/format.md §8); none: this node serves no clients.
     #[serde(default)]
     pub client_listen: Option<SocketAddr>,
+    /// Prometheus metrics listener (`GET /metrics`, `crate::metrics`; docs/operations.md
+    /// "Metrics"); loopback addresses only. None: no metrics.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Durable store URL (`crate::durable::DurableStore::open`): the snapshot manager
     /// (`crate::backup`) uploads snapshots and manifests there while this node leads shard 0.
     /// None: no backups.
@@ -188,6 +192,7 @@ pub fn run(config_path: &Path) -> crate::CmdResult {
         .map_err(|e| format!("{}: {e}", config_path.display()))?;
     let cfg: NodeConfig =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config_path.display()))?;
+    crate::metrics::check_listen(cfg.metrics_listen)?;
     let s = |e: keyfort_engine::cluster::ClusterError| e.to_string();
     std::env::set_var(keyfort_hsm::pin::USER_PIN_FILE_ENV, &cfg.card.pin_file);
     let started = Instant::now();
@@ -313,12 +318,28 @@ async fn node(
         recovery: RefCell::new(None),
         archives: RefCell::new(Vec::new()),
     });
+    let client_server = keyfort_net::server::ClientServer::new(service.clone());
     let client_bound = match cfg.client_listen {
         Some(addr) => Some(
-            keyfort_net::server::ClientServer::new(service.clone())
+            client_server
                 .listen(addr)
                 .map_err(|e| format!("client listener {addr}: {e}"))?,
         ),
+        None => None,
+    };
+    let backup = Rc::new(RefCell::new(crate::backup::BackupStatus::default()));
+    let metrics_bound = match cfg.metrics_listen {
+        Some(addr) => Some(crate::metrics::serve(
+            addr,
+            Rc::new(crate::metrics::Sources {
+                node: id.node_id,
+                data_dir: cfg.data_dir.clone(),
+                replicas: replicas.clone(),
+                server: client_bound.map(|_| client_server.clone()),
+                service: service.clone(),
+                backup: cfg.durable_store.is_some().then(|| backup.clone()),
+            }),
+        )?),
         None => None,
     };
     let latency: Latency = Rc::new(RefCell::new(keyfort_bench::latency_histogram()));
@@ -425,7 +446,6 @@ async fn node(
         start.started,
     ))
     .detach();
-    let backup = Rc::new(RefCell::new(crate::backup::BackupStatus::default()));
     let mut archives = Vec::new();
     if let Some(url) = &cfg.durable_store {
         let store = crate::durable::DurableStore::open(url).map_err(|e| e.to_string())?;
@@ -489,12 +509,13 @@ async fn node(
         .detach();
     }
     println!(
-        "keyfortd node {} of cluster {}: {} shards, peers on {bound}, clients on {}, started in \
-         {:.1} ms",
+        "keyfortd node {} of cluster {}: {} shards, peers on {bound}, clients on {}, metrics on \
+         {}, started in {:.1} ms",
         id.node_id,
         hex(&cluster.cluster_id),
         cluster.shard_count,
         client_bound.map_or("-".to_string(), |a| a.to_string()),
+        metrics_bound.map_or("-".to_string(), |a| a.to_string()),
         t0.elapsed().as_secs_f64() * 1e3
     );
     loop {
