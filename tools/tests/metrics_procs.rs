@@ -1,9 +1,11 @@
 //! keyfortd's Prometheus endpoint (`metrics_listen`, docs/operations.md "Metrics") on real
-//! processes: 3 nodes on 127.0.0.1, 2 shards, each node with its own SoftHSM card and a metrics
-//! port. A non-loopback `metrics_listen` is refused at start with a clear error; then a client
-//! creates a partition and a key and encrypts, and a plain `std::net::TcpStream` scrape of every
-//! node shows the create and encrypt histograms counted (on whichever nodes served them), every
-//! shard's commit, and the recovery tier. Behaviour only, no timings.
+//! processes: 3 nodes on 127.0.0.1, 2 shards, each node with its own SoftHSM card, a metrics
+//! port and a directory as durable store. A non-loopback `metrics_listen` is refused at start
+//! with a clear error; then a client creates a partition and a key and encrypts, and a plain
+//! `std::net::TcpStream` scrape of every node shows the create and encrypt histograms counted
+//! (on whichever nodes served them), every shard's commit, WBL bytes and archive RPO, the
+//! recovery tier, a snapshot manager round, and `404`/`405` for other paths and methods.
+//! Behaviour only, no timings.
 
 mod common;
 
@@ -74,7 +76,18 @@ fn value(text: &str, series: &str) -> Option<f64> {
 fn metrics_endpoint_on_real_nodes() {
     let root = tempfile::tempdir().unwrap();
     let mut c = local(root.path());
-    let ports = free_ports(NODES).unwrap();
+    // Free ports the nodes' own listeners (chosen at create, not bound yet) do not use.
+    let taken: Vec<String> = c
+        .nodes
+        .iter()
+        .flat_map(|n| [n.peer_addr.clone(), n.client_addr.to_string()])
+        .collect();
+    let ports: Vec<u16> = free_ports(NODES + taken.len())
+        .unwrap()
+        .into_iter()
+        .filter(|p| !taken.iter().any(|a| a.ends_with(&format!(":{p}"))))
+        .take(NODES)
+        .collect();
     let metrics: Vec<SocketAddr> = ports
         .iter()
         .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
@@ -108,8 +121,13 @@ fn metrics_endpoint_on_real_nodes() {
     c.nodes[0].child = None;
 
     for (i, addr) in metrics.iter().enumerate() {
-        c.configure_node(i, |v| v["metrics_listen"] = addr.to_string().into())
-            .unwrap();
+        let store = root.path().join("durable").display().to_string();
+        c.configure_node(i, |v| {
+            v["metrics_listen"] = addr.to_string().into();
+            v["durable_store"] = store.clone().into();
+            v["backup_interval_ms"] = 200.into();
+        })
+        .unwrap();
     }
     c.start_all().unwrap();
     assert!(
@@ -134,14 +152,20 @@ fn metrics_endpoint_on_real_nodes() {
     client.encrypt(key, b"aad", b"scraped").expect("encrypt");
 
     // Each request was timed on the node that answered it: summed over the nodes, at least one
-    // of each. The recovery report is in place once a node's shards opened.
+    // of each. The recovery report is in place once a node's shards opened; the snapshot
+    // manager runs on shard 0's leader.
     let mut sums: BTreeMap<&str, f64> = BTreeMap::new();
     let t = Instant::now();
     let texts = loop {
         let texts: Vec<String> = metrics.iter().map(|a| scrape(*a)).collect();
-        if texts
+        let rounds: f64 = texts
             .iter()
-            .all(|t| value(t, "keyfort_recovery_tier{tier=\"local\"}").is_some())
+            .filter_map(|t| value(t, "keyfort_backup_rounds_total"))
+            .sum();
+        if rounds >= 1.0
+            && texts
+                .iter()
+                .all(|t| value(t, "keyfort_recovery_tier{tier=\"local\"}").is_some())
             || t.elapsed() > PROGRESS_TIMEOUT
         {
             break texts;
@@ -164,9 +188,12 @@ fn metrics_endpoint_on_real_nodes() {
             )
             .unwrap_or_else(|| panic!("no commit of shard {shard}:\n{text}"));
             assert!(commit > 0.0, "{text}");
+            for with_value in ["keyfort_wbl_bytes", "keyfort_archive_rpo_seconds"] {
+                let series = format!("{with_value}{{shard=\"{shard}\"}}");
+                assert!(value(text, &series).is_some(), "no {series}:\n{text}");
+            }
             assert!(
-                value(text, &format!("keyfort_wbl_bytes{{shard=\"{shard}\"}}"))
-                    .is_some_and(|b| b > 0.0),
+                value(text, &format!("keyfort_wbl_bytes{{shard=\"{shard}\"}}")) > Some(0.0),
                 "{text}"
             );
         }
@@ -183,6 +210,11 @@ fn metrics_endpoint_on_real_nodes() {
         assert!(text.contains("# TYPE keyfort_client_request_duration_seconds histogram\n"));
         assert!(text.contains("# TYPE keyfort_card_cache_hits_total counter\n"));
     }
+    let rounds: f64 = texts
+        .iter()
+        .filter_map(|t| value(t, "keyfort_backup_rounds_total"))
+        .sum();
+    assert!(rounds >= 1.0, "no snapshot manager round counted");
     for (op, n) in &sums {
         assert!(*n >= 1.0, "{op}: {n} requests counted over the nodes");
     }
