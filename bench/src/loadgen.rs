@@ -82,7 +82,8 @@ pub struct RunSpec {
     pub duration: Duration,
     /// Period before it, loaded the same way, not recorded.
     pub warmup: Duration,
-    /// Keys `0..preloaded` exist before the run ([`Target::preload`]).
+    /// Keys `0..preloaded` exist before the run: what [`Target::preload`] was given (the
+    /// workload uses them from the start and numbers its creates from here).
     pub preloaded: u64,
     /// Zipf exponent of use-heavy key choice.
     pub zipf: f64,

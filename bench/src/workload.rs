@@ -17,9 +17,10 @@
 //! * **churn**: 45 % create, 45 % delete, 10 % encrypt (uniform over the live keys). A delete
 //!   takes the oldest live key *created during this run*; the preloaded keys are never deleted,
 //!   so consecutive runs over one preloaded target (a rate search) never delete a key twice.
-//!   The run-created keys are kept between 0 and 2 × [`CHURN_WINDOW`] (a create is forced when
-//!   none is acknowledged, a delete when the window is full), so the live key count stays
-//!   within that of the preload.
+//!   The run-created keys (live or being created) are kept between 0 and 2 × [`CHURN_WINDOW`]
+//!   (a create is forced when none is acknowledged, a delete when the window is full), so the
+//!   live key count stays within that of the preload (more only while more creates than that
+//!   are in flight with none acknowledged yet).
 //!
 //! Decrypts need a ciphertext made beforehand, which only the preloaded keys have (the target
 //! makes one per key in `preload`): a decrypt draws from the preloaded keys (by the same law
