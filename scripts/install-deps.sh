@@ -6,6 +6,9 @@ set -euo pipefail
 need_apt=()
 command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
+# protoc and its well-known types: the etcd-client crate (bench, etcd side by side) runs it.
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -5,6 +5,7 @@
 pub mod appenders;
 pub mod bulk;
 pub mod disk;
+pub mod etcd;
 pub mod keyfort_target;
 pub mod loadgen;
 pub mod local_cluster;
