@@ -1,4 +1,4 @@
-//! keyfort's load generator on the command line: a workload (create-heavy, use-heavy,
+//! keyfort's load generator on the command line: workloads (create-heavy, use-heavy,
 //! churn) driven open loop at a rate, closed loop with N workers, or through a series of
 //! rates for the highest one at a p99 bound; an aligned table on stdout, JSON to a file.
 //!
@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Parser, Debug)]
 struct Args {
-    /// create-heavy, use-heavy or churn.
-    #[arg(long, default_value = "use-heavy")]
-    workload: Workload,
+    /// create-heavy, use-heavy or churn; several (comma separated) run one after the other
+    /// on the same cluster and share the table.
+    #[arg(long, value_delimiter = ',', default_value = "use-heavy")]
+    workload: Vec<Workload>,
     /// Offered operations per second (open loop).
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
@@ -150,32 +151,36 @@ fn main() -> Result<(), String> {
         args.preload
     );
 
-    let spec = RunSpec {
-        workload: args.workload,
-        mode: match args.closed {
-            Some(workers) => Mode::Closed { workers },
-            None => Mode::Open { rate: args.rate },
-        },
-        duration: Duration::from_secs_f64(args.duration),
-        warmup: Duration::from_secs_f64(args.warmup),
-        preloaded: args.preload,
-        zipf: args.zipf,
-        seed: args.seed,
-        progress: !args.quiet,
-        answer_timeout: keyfort_bench::loadgen::DEFAULT_ANSWER_TIMEOUT,
-    };
-    let (results, best): (Vec<RunResult>, Option<f64>) = if args.max_rate.is_empty() {
-        (vec![run(&target, &spec)], None)
-    } else {
-        let (best, runs) = max_rate_at_p99(&target, &spec, args.p99_ms, &args.max_rate);
-        (runs, Some(best))
-    };
+    let mut results: Vec<RunResult> = Vec::new();
+    let mut best: Vec<(Workload, f64)> = Vec::new();
+    for &workload in &args.workload {
+        let spec = RunSpec {
+            workload,
+            mode: match args.closed {
+                Some(workers) => Mode::Closed { workers },
+                None => Mode::Open { rate: args.rate },
+            },
+            duration: Duration::from_secs_f64(args.duration),
+            warmup: Duration::from_secs_f64(args.warmup),
+            preloaded: args.preload,
+            zipf: args.zipf,
+            seed: args.seed,
+            progress: !args.quiet,
+            answer_timeout: keyfort_bench::loadgen::DEFAULT_ANSWER_TIMEOUT,
+        };
+        if args.max_rate.is_empty() {
+            results.push(run(&target, &spec));
+        } else {
+            let (b, runs) = max_rate_at_p99(&target, &spec, args.p99_ms, &args.max_rate);
+            results.extend(runs);
+            best.push((workload, b));
+        }
+    }
     print!("{}", table(&results));
-    if let Some(best) = best {
+    for (workload, b) in &best {
         println!(
-            "{} {}: highest rate with p99 <= {} ms: {best}/s",
+            "{} {workload}: highest rate with p99 <= {} ms: {b}/s",
             target.name(),
-            args.workload,
             args.p99_ms
         );
     }
@@ -193,7 +198,10 @@ fn main() -> Result<(), String> {
             "value_size": args.value_size,
             "preload": { "keys": args.preload, "seconds": preload_s },
             "results": results.iter().map(RunResult::to_json).collect::<Vec<_>>(),
-            "max_rate_at_p99": best.map(|b| json!({ "p99_ms": args.p99_ms, "rates": args.max_rate, "per_s": b })),
+            "max_rate_at_p99": best
+                .iter()
+                .map(|(w, b)| json!({ "workload": w.name(), "p99_ms": args.p99_ms, "rates": args.max_rate, "per_s": b }))
+                .collect::<Vec<_>>(),
         });
         write_json(path, &out).map_err(|e| format!("{}: {e}", path.display()))?;
         eprintln!("wrote {}", path.display());
