@@ -444,18 +444,49 @@ impl std::fmt::Debug for Snapshot {
     }
 }
 
+/// What [`Snapshot::open_without_mac_observed`] hands the file's bytes to.
+type Observer<'a> = &'a mut dyn FnMut(&[u8]);
+
+/// A reader that hands every byte it reads to `observe` and counts them.
+struct Observed<'a, R: Read> {
+    inner: R,
+    observe: &'a mut dyn FnMut(&[u8]),
+    seen: &'a mut u64,
+}
+
+impl<R: Read> Read for Observed<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.observe)(&buf[..n]);
+        *self.seen += n as u64;
+        Ok(n)
+    }
+}
+
 impl Snapshot {
     /// Opens `path`: checks the footer (crc, then MAC in the card), then reads the whole file
     /// once in order, checking every section's crc32c, the chain over all sections, the order
     /// and decoding of every entry, the counts and the state digest.
     pub fn open(path: &Path, mac: &dyn FooterMac) -> Result<Snapshot, SnapshotError> {
-        Self::open_inner(path, Some(mac))
+        Self::open_inner(path, Some(mac), None)
     }
 
     /// Every check of [`Snapshot::open`] except the MAC (offline inspection without a card, or
     /// a blocking thread that leaves the MAC to [`Snapshot::verify_mac`] on the card's core).
     pub fn open_without_mac(path: &Path) -> Result<Snapshot, SnapshotError> {
-        Self::open_inner(path, None)
+        Self::open_inner(path, None, None)
+    }
+
+    /// [`Snapshot::open_without_mac`] that also hands every byte of the file, from the first
+    /// to the end of the file and in order, to `observe` — the bytes the verifying pass reads,
+    /// then the rest of the file after the last section (the footer). A caller that also needs
+    /// a whole-file hash (the restore checks the manifest's) gets it from the same single read,
+    /// of the very bytes that were checked. On an error, `observe` has seen only a prefix.
+    pub fn open_without_mac_observed(
+        path: &Path,
+        observe: &mut dyn FnMut(&[u8]),
+    ) -> Result<Snapshot, SnapshotError> {
+        Self::open_inner(path, None, Some(observe))
     }
 
     /// Checks the footer MAC of a file opened without it (over the footer bytes the open read:
@@ -468,7 +499,11 @@ impl Snapshot {
         Ok(())
     }
 
-    fn open_inner(path: &Path, mac: Option<&dyn FooterMac>) -> Result<Snapshot, SnapshotError> {
+    fn open_inner(
+        path: &Path,
+        mac: Option<&dyn FooterMac>,
+        observe: Option<Observer<'_>>,
+    ) -> Result<Snapshot, SnapshotError> {
         let mut file = File::open(path).map_err(|e| SnapshotError::io(path, e))?;
         let file_bytes = file
             .metadata()
@@ -486,8 +521,41 @@ impl Snapshot {
         }
         file.seek(SeekFrom::Start(0))
             .map_err(|e| SnapshotError::io(path, e))?;
-        let reader = BufReader::with_capacity(OPEN_READ_BYTES, &mut file);
-        let contents = SectionReader::new(path, reader, &footer).read_all()?;
+        let contents = match observe {
+            None => {
+                let reader = BufReader::with_capacity(OPEN_READ_BYTES, &mut file);
+                SectionReader::new(path, reader, &footer).read_all()?
+            }
+            Some(observe) => {
+                let mut seen = 0u64;
+                let contents = {
+                    let observed = Observed {
+                        inner: &mut file,
+                        observe: &mut *observe,
+                        seen: &mut seen,
+                    };
+                    let reader = BufReader::with_capacity(OPEN_READ_BYTES, observed);
+                    SectionReader::new(path, reader, &footer).read_all()?
+                };
+                // The file's offset is where the observed reads stopped: the rest (the footer,
+                // whatever read-ahead did not reach) to the end.
+                let mut rest = Observed {
+                    inner: &mut file,
+                    observe,
+                    seen: &mut seen,
+                };
+                std::io::copy(&mut rest, &mut std::io::sink())
+                    .map_err(|e| SnapshotError::io(path, e))?;
+                if seen != file_bytes {
+                    return Err(SnapshotError::corrupt(
+                        path,
+                        seen,
+                        format!("{seen} bytes read, the file had {file_bytes} when opened"),
+                    ));
+                }
+                contents
+            }
+        };
         Ok(Snapshot {
             path: path.to_path_buf(),
             file,
