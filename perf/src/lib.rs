@@ -17,11 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Samples per second of CPU time (all threads together: `ITIMER_PROF` counts the process's
-/// CPU time). 999 rather than the usual 99: a 10–20 s capture of a node then holds 10,000+
-/// samples, enough to read a 1 % frame; an odd rate keeps clear of the 1 kHz periodic work
-/// (timers, ticks) it would otherwise beat against. Each sample costs one DWARF unwind in the
-/// signal handler (a few µs), about 1 % of a core at this rate.
+/// Samples per second of CPU time asked for (all threads together: `ITIMER_PROF` counts the
+/// process's CPU time). The kernel checks process CPU timers once per tick, so what arrives is
+/// at most `CONFIG_HZ` samples per busy CPU-second (250 on the VM of perf/README.md): 999 asks
+/// for that ceiling wherever the tick allows more, and an odd rate keeps clear of periodic work
+/// (timers, raft ticks) it could beat against. Each sample is one DWARF unwind in the handler
+/// (a few µs). `perf/flamegraph.sh` samples at a true 999 Hz when more resolution is needed.
 pub const SAMPLE_HZ: i32 = 999;
 
 /// Shared objects in which a sample is dropped rather than unwound: the unwinder (`libgcc_s`)
