@@ -7,11 +7,15 @@
 # Then a 3-node keyfortd cluster (one card each): the leader is SIGKILLed; failover and catch-up are timed.
 # Last, a short disaster-recovery drill (`keyfort drill`, issue 7): 100,000 keys loaded through raft,
 # then full replay, local restart, wiped-node rejoin and whole-cluster restore from S3, each timed.
+# Then the load generator (issue 8): a fresh 3-node cluster driven open-loop at 500/s with each
+# workload (create-heavy, use-heavy with Zipf keys, churn); per-operation p50...p99.99 and max.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --release --locked -p keyfort-tools
+cargo build --release --locked -p keyfort-tools -p keyfort-bench
 data=${KEYFORT_DEMO_DIR:-.kf/demo}
 rm -rf "$data"
 target/release/keyfort demo --data-dir "$data" "$@"
-exec target/release/keyfort drill --keys 100000 --dir "$data/drill"
+target/release/keyfort drill --keys 100000 --dir "$data/drill"
+exec target/release/load --workload create-heavy,use-heavy,churn --rate 500 --duration 5 \
+  --warmup 1 --preload 2000 --shards 2 --quiet --dir "$data/load" --json "$data/load.json"

@@ -9,9 +9,20 @@ command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 # protoc and its well-known types: the etcd-client crate (bench, etcd side by side) runs it.
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
+# Debian's etcd 3.4: bench/tests/etcd.rs and the side-by-side benchmark (scripts/vs-etcd.sh).
+[ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
+[ -x /usr/bin/etcdctl ] || need_apt+=(etcd-client)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # etcd-server's package would start an etcd service on 127.0.0.1:2379: no service may start
+  # during the install (policy-rc.d answering 101), so only the tests' own clusters ever run.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
