@@ -97,6 +97,56 @@ pub struct RunSpec {
     pub answer_timeout: Duration,
 }
 
+/// The run options `load` and `vs_etcd` share (`#[command(flatten)]` in each): how long each
+/// run lasts, what is preloaded, how keys are chosen, the p99 bound of a rate search.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunOptions {
+    /// Measured seconds of each run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds before each run's measurement, loaded the same way, not recorded.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Keys created before the runs (keyfort: with a ciphertext each).
+    #[arg(long, default_value_t = 10_000)]
+    pub preload: u64,
+    /// Connections of the client (keyfort: spread over the partitions).
+    #[arg(long, default_value_t = crate::keyfort_target::DEFAULT_CONNECTIONS)]
+    pub connections: usize,
+    /// Bytes of a keyfort encrypt's plaintext (and of an etcd value).
+    #[arg(long, default_value_t = crate::keyfort_target::DEFAULT_VALUE_SIZE)]
+    pub value_size: usize,
+    /// Zipf exponent of use-heavy key choice.
+    #[arg(long, default_value_t = DEFAULT_ZIPF)]
+    pub zipf: f64,
+    /// Seed of the operation chooser.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The p99 bound of a rate search, in ms.
+    #[arg(long, default_value_t = 10.0)]
+    pub p99_ms: f64,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl RunOptions {
+    /// The spec of one run of `workload` in `mode` with these options.
+    pub fn spec(&self, workload: Workload, mode: Mode) -> RunSpec {
+        RunSpec {
+            workload,
+            mode,
+            duration: Duration::from_secs_f64(self.duration),
+            warmup: Duration::from_secs_f64(self.warmup),
+            preloaded: self.preload,
+            zipf: self.zipf,
+            seed: self.seed,
+            progress: !self.quiet,
+            answer_timeout: DEFAULT_ANSWER_TIMEOUT,
+        }
+    }
+}
+
 impl RunSpec {
     /// A run with no warm-up, no preload, [`DEFAULT_ZIPF`], seed 1, no progress line and
     /// [`DEFAULT_ANSWER_TIMEOUT`]; set the other fields as needed.

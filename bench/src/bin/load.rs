@@ -13,13 +13,11 @@
 //! ./target/release/load --workload create-heavy --max-rate 1000,2000,4000,8000 --p99-ms 10
 //! ```
 
-use keyfort_bench::keyfort_target::{
-    start_local_cluster, KeyfortOptions, KeyfortTarget, DEFAULT_VALUE_SIZE,
-};
-use keyfort_bench::loadgen::{max_rate_at_p99, run, table, Mode, RunResult, RunSpec};
+use keyfort_bench::keyfort_target::{start_local_cluster, KeyfortOptions, KeyfortTarget};
+use keyfort_bench::loadgen::{max_rate_at_p99, run, table, Mode, RunOptions, RunResult};
 use keyfort_bench::local_cluster::binaries_beside_exe;
 use keyfort_bench::target::Target;
-use keyfort_bench::workload::{Workload, DEFAULT_ZIPF};
+use keyfort_bench::workload::Workload;
 use keyfort_bench::{machine, write_json};
 use keyfort_net::client::Credential;
 use serde_json::json;
@@ -42,29 +40,8 @@ struct Args {
     /// Open-loop runs at each of these rates; reports the highest with p99 ≤ --p99-ms.
     #[arg(long, value_delimiter = ',')]
     max_rate: Vec<f64>,
-    /// The p99 bound of --max-rate, in ms.
-    #[arg(long, default_value_t = 10.0)]
-    p99_ms: f64,
-    /// Measured seconds of each run.
-    #[arg(long, default_value_t = 10.0)]
-    duration: f64,
-    /// Seconds before each run's measurement, loaded the same way, not recorded.
-    #[arg(long, default_value_t = 2.0)]
-    warmup: f64,
-    /// Keys created (with a ciphertext each) before the runs.
-    #[arg(long, default_value_t = 10_000)]
-    preload: u64,
-    /// Connections, spread over the partitions.
-    #[arg(long, default_value_t = 8)]
-    connections: usize,
-    /// Plaintext bytes of an encrypt.
-    #[arg(long, default_value_t = DEFAULT_VALUE_SIZE)]
-    value_size: usize,
-    /// Zipf exponent of use-heavy key choice.
-    #[arg(long, default_value_t = DEFAULT_ZIPF)]
-    zipf: f64,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    #[command(flatten)]
+    run: RunOptions,
     /// Shards of the local cluster (one partition each).
     #[arg(long, default_value_t = 2)]
     shards: u32,
@@ -84,9 +61,6 @@ struct Args {
     /// A partition credential file of the running cluster (`keyfort` issues them).
     #[arg(long)]
     credential: Option<PathBuf>,
-    /// No progress line on stderr.
-    #[arg(long)]
-    quiet: bool,
     /// Writes the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -139,39 +113,30 @@ fn main() -> Result<(), String> {
         &addrs,
         &creds,
         &KeyfortOptions {
-            value_size: args.value_size,
-            connections: args.connections,
+            value_size: args.run.value_size,
+            connections: args.run.connections,
         },
     )?;
     let t = Instant::now();
-    target.preload(args.preload)?;
+    target.preload(args.run.preload)?;
     let preload_s = t.elapsed().as_secs_f64();
     eprintln!(
         "preloaded {} keys (and a ciphertext each) in {preload_s:.1} s",
-        args.preload
+        args.run.preload
     );
 
     let mut results: Vec<RunResult> = Vec::new();
     let mut best: Vec<(Workload, f64)> = Vec::new();
     for &workload in &args.workload {
-        let spec = RunSpec {
-            workload,
-            mode: match args.closed {
-                Some(workers) => Mode::Closed { workers },
-                None => Mode::Open { rate: args.rate },
-            },
-            duration: Duration::from_secs_f64(args.duration),
-            warmup: Duration::from_secs_f64(args.warmup),
-            preloaded: args.preload,
-            zipf: args.zipf,
-            seed: args.seed,
-            progress: !args.quiet,
-            answer_timeout: keyfort_bench::loadgen::DEFAULT_ANSWER_TIMEOUT,
+        let mode = match args.closed {
+            Some(workers) => Mode::Closed { workers },
+            None => Mode::Open { rate: args.rate },
         };
+        let spec = args.run.spec(workload, mode);
         if args.max_rate.is_empty() {
             results.push(run(&target, &spec));
         } else {
-            let (b, runs) = max_rate_at_p99(&target, &spec, args.p99_ms, &args.max_rate);
+            let (b, runs) = max_rate_at_p99(&target, &spec, args.run.p99_ms, &args.max_rate);
             results.extend(runs);
             best.push((workload, b));
         }
@@ -181,7 +146,7 @@ fn main() -> Result<(), String> {
         println!(
             "{} {workload}: highest rate with p99 <= {} ms: {b}/s",
             target.name(),
-            args.p99_ms
+            args.run.p99_ms
         );
     }
     if let Some(path) = &args.json {
@@ -195,12 +160,12 @@ fn main() -> Result<(), String> {
             },
             "partitions": target.partitions(),
             "connections": target.connections(),
-            "value_size": args.value_size,
-            "preload": { "keys": args.preload, "seconds": preload_s },
+            "value_size": args.run.value_size,
+            "preload": { "keys": args.run.preload, "seconds": preload_s },
             "results": results.iter().map(RunResult::to_json).collect::<Vec<_>>(),
             "max_rate_at_p99": best
                 .iter()
-                .map(|(w, b)| json!({ "workload": w.name(), "p99_ms": args.p99_ms, "rates": args.max_rate, "per_s": b }))
+                .map(|(w, b)| json!({ "workload": w.name(), "p99_ms": args.run.p99_ms, "rates": args.max_rate, "per_s": b }))
                 .collect::<Vec<_>>(),
         });
         write_json(path, &out).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -31,29 +31,24 @@ use keyfort_bench::etcd::{
     etcd_installed, etcd_restore_disk_estimate, etcd_restore_to_first_read, free_disk_bytes,
     keyfort_restart_to_first_read, EtcdCluster, EtcdTarget,
 };
-use keyfort_bench::keyfort_target::{
-    start_local_cluster, KeyfortOptions, KeyfortTarget, DEFAULT_CONNECTIONS, DEFAULT_VALUE_SIZE,
-};
-use keyfort_bench::loadgen::{max_rate_at_p99, run, table, Mode, RunResult, RunSpec};
+use keyfort_bench::keyfort_target::{start_local_cluster, KeyfortOptions, KeyfortTarget};
+use keyfort_bench::loadgen::{max_rate_at_p99, run, table, Mode, RunOptions, RunResult, RunSpec};
 use keyfort_bench::local_cluster::binaries_beside_exe;
 use keyfort_bench::target::Target;
-use keyfort_bench::workload::{Workload, DEFAULT_ZIPF};
+use keyfort_bench::workload::Workload;
 use keyfort_bench::{machine, write_json};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[derive(clap::Parser, Debug)]
 struct Args {
     /// create-heavy, use-heavy or churn.
     #[arg(long, default_value = "use-heavy")]
     workload: Workload,
-    /// Bytes of a keyfort encrypt's plaintext and of an etcd value.
-    #[arg(long, default_value_t = DEFAULT_VALUE_SIZE)]
-    value_size: usize,
-    /// Connections of each system's client.
-    #[arg(long, default_value_t = DEFAULT_CONNECTIONS)]
-    connections: usize,
+    /// Each system's runs (connections and value size alike for both; (a)'s p99 bound).
+    #[command(flatten)]
+    run: RunOptions,
     /// The rate ladder of (a), offered operations per second, climbed in order.
     #[arg(
         long,
@@ -61,21 +56,9 @@ struct Args {
         default_value = "250,500,1000,2000,4000,8000,16000"
     )]
     rates: Vec<f64>,
-    /// The p99 bound of (a), ms.
-    #[arg(long, default_value_t = 10.0)]
-    p99_ms: f64,
     /// The rate of (b), per second.
     #[arg(long, default_value_t = 1000.0)]
     latency_rate: f64,
-    /// Measured seconds of each run.
-    #[arg(long, default_value_t = 10.0)]
-    duration: f64,
-    /// Seconds before each run's measurement, loaded the same way, not recorded.
-    #[arg(long, default_value_t = 2.0)]
-    warmup: f64,
-    /// Keys created before the runs (keyfort: with a ciphertext each).
-    #[arg(long, default_value_t = 10_000)]
-    preload: u64,
     /// Keys of (c); 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     restore_keys: u64,
@@ -84,11 +67,6 @@ struct Args {
     /// about the same bytes. (4 KiB values would need ~35 GB of disk for etcd's restore.)
     #[arg(long, default_value_t = RESTORE_VALUE_SIZE)]
     restore_value_size: usize,
-    /// Zipf exponent of use-heavy key choice.
-    #[arg(long, default_value_t = DEFAULT_ZIPF)]
-    zipf: f64,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
     /// Shards of the keyfort cluster (one partition each).
     #[arg(long, default_value_t = 2)]
     shards: u32,
@@ -102,9 +80,6 @@ struct Args {
     /// Scratch directory (clusters, data dirs; removed first and after).
     #[arg(long, default_value = "target/vs-etcd")]
     dir: PathBuf,
-    /// No progress line on stderr.
-    #[arg(long)]
-    quiet: bool,
     /// Writes the results here as JSON.
     #[arg(long, default_value = "docs/bench/vs_etcd.json")]
     out: PathBuf,
@@ -137,16 +112,16 @@ struct Side {
 /// (a) and (b) against `target`, preloaded first.
 fn measure(target: &dyn Target, args: &Args, spec: &RunSpec) -> Result<Side, String> {
     let t = Instant::now();
-    target.preload(args.preload)?;
+    target.preload(args.run.preload)?;
     let preload_s = t.elapsed().as_secs_f64();
     say(format!(
         "{}: preloaded {} keys in {preload_s:.1} s; rate ladder {:?}/s, p99 <= {} ms",
         target.name(),
-        args.preload,
+        args.run.preload,
         args.rates,
-        args.p99_ms
+        args.run.p99_ms
     ));
-    let (best, ladder) = max_rate_at_p99(target, spec, args.p99_ms, &args.rates);
+    let (best, ladder) = max_rate_at_p99(target, spec, args.run.p99_ms, &args.rates);
     for r in &ladder {
         say(r.line());
     }
@@ -170,7 +145,7 @@ fn measure(target: &dyn Target, args: &Args, spec: &RunSpec) -> Result<Side, Str
     say(format!(
         "{}: highest rate at p99 <= {} ms: {best}/s; p99 at {}/s: {:.3} ms",
         target.name(),
-        args.p99_ms,
+        args.run.p99_ms,
         args.latency_rate,
         latency.overall.p99_ms
     ));
@@ -207,8 +182,8 @@ fn keyfort_side(
         &cluster.client_addrs(),
         &creds,
         &KeyfortOptions {
-            value_size: args.value_size,
-            connections: args.connections,
+            value_size: args.run.value_size,
+            connections: args.run.connections,
         },
     )?;
     let side = measure(&target, args, spec);
@@ -226,8 +201,8 @@ fn etcd_side(args: &Args, spec: &RunSpec) -> Result<Side, String> {
     ));
     let target = EtcdTarget::connect(
         &cluster.endpoints(),
-        args.connections,
-        args.value_size,
+        args.run.connections,
+        args.run.value_size,
         args.etcd_workers,
     )?;
     let side = measure(&target, args, spec);
@@ -260,13 +235,13 @@ fn main() -> Result<(), String> {
         let given =
             |name: &str| std::env::args().any(|a| a == name || a.starts_with(&format!("{name}=")));
         if !given("--duration") {
-            args.duration = 2.0;
+            args.run.duration = 2.0;
         }
         if !given("--warmup") {
-            args.warmup = 0.5;
+            args.run.warmup = 0.5;
         }
         if !given("--preload") {
-            args.preload = 1000;
+            args.run.preload = 1000;
         }
         if !given("--rates") {
             args.rates = vec![250.0, 500.0, 1000.0, 2000.0];
@@ -301,19 +276,12 @@ fn main() -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir).map_err(|e| format!("{}: {e}", args.dir.display()))?;
     let started = Instant::now();
-    let spec = RunSpec {
-        workload: args.workload,
-        mode: Mode::Open {
+    let spec = args.run.spec(
+        args.workload,
+        Mode::Open {
             rate: args.latency_rate,
         },
-        duration: Duration::from_secs_f64(args.duration),
-        warmup: Duration::from_secs_f64(args.warmup),
-        preloaded: args.preload,
-        zipf: args.zipf,
-        seed: args.seed,
-        progress: !args.quiet,
-        answer_timeout: keyfort_bench::loadgen::DEFAULT_ANSWER_TIMEOUT,
-    };
+    );
 
     let kf = keyfort_side(&args, &spec, &keyfort, &keyfortd)?;
     let et = etcd_side(&args, &spec)?;
@@ -358,7 +326,10 @@ fn main() -> Result<(), String> {
     let fmt = |x: Option<f64>, d: usize| x.map_or("—".to_string(), |x| format!("{x:.d$}"));
     let rows = [
         (
-            format!("{} rate at p99 <= {} ms (/s)", args.workload, args.p99_ms),
+            format!(
+                "{} rate at p99 <= {} ms (/s)",
+                args.workload, args.run.p99_ms
+            ),
             Some(kf.best),
             Some(et.best),
             ratio(kf.best, et.best),
@@ -398,18 +369,18 @@ fn main() -> Result<(), String> {
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "etcd_version": etcd_version(),
         "workload": args.workload.name(),
-        "value_size": args.value_size,
-        "connections": args.connections,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
-        "preload": args.preload,
+        "value_size": args.run.value_size,
+        "connections": args.run.connections,
+        "duration_s": args.run.duration,
+        "warmup_s": args.run.warmup,
+        "preload": args.run.preload,
         "rates": args.rates,
-        "p99_bound_ms": args.p99_ms,
+        "p99_bound_ms": args.run.p99_ms,
         "latency_rate_per_s": args.latency_rate,
         "restore_keys": args.restore_keys,
         "restore_value_size": restore_value_size,
-        "keyfort": side_json(&kf, &json!(kf_restore), kf_rs, args.p99_ms),
-        "etcd": side_json(&et, &json!(et_restore), et_rs, args.p99_ms),
+        "keyfort": side_json(&kf, &json!(kf_restore), kf_rs, args.run.p99_ms),
+        "etcd": side_json(&et, &json!(et_restore), et_rs, args.run.p99_ms),
         "goals": {
             "throughput_ge_1_5x_etcd": ratio(kf.best, et.best).map(|x| x >= GOAL_THROUGHPUT_X),
             "lower_p99_at_1000_per_s": kf.latency.overall.p99_ms < et.latency.overall.p99_ms,
