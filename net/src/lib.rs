@@ -9,4 +9,5 @@ pub mod join;
 pub mod peer;
 pub mod server;
 pub mod snapshot_stream;
+pub mod tls;
 pub mod transport;
