@@ -3,6 +3,7 @@
 //! Knows nothing of logs or networks. The rules it enforces, and which of them the card itself
 //! enforces, are in docs/threat-model.md; its byte formats in docs/format.md §2.
 
+pub mod ca;
 pub mod cache;
 pub mod card;
 pub mod ceremony;
@@ -21,6 +22,7 @@ pub mod templates;
 /// The cryptoki version this crate speaks, for audits and benchmarks of raw card calls.
 pub use cryptoki;
 
+pub use ca::{CaKey, WrappedCaKey};
 pub use card::{Card, CardIdentity, CoreSession};
 pub use ceremony::{init_card, CeremonyKit};
 pub use error::{CardError, Fingerprint, Result};

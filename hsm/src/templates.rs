@@ -195,3 +195,110 @@ pub fn customer_key_load() -> Template {
         Attribute::Derive(false),
     ])
 }
+
+/// DER of the P-256 (prime256v1) OID, for the CA key pair's `CKA_EC_PARAMS`.
+const CA_P256_OID_DER: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// What a CA private key unwrapped under its CA KEK must be: sensitive, never extractable, a
+/// signing key and nothing else. Enforced by the card through the KEK's `CKA_UNWRAP_TEMPLATE`
+/// (only attributes a private key has: SoftHSM 2.6.1 refuses `CKA_ENCRYPT` or `CKA_WRAP` on one
+/// with CKR_ATTRIBUTE_TYPE_INVALID, measured).
+pub fn ca_key_unwrap_forced() -> Template {
+    Template::new(vec![
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::SignRecover(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ])
+}
+
+/// A CA KEK at birth: AES-256, wraps the one CA private key it is made for, extractable only so
+/// it can itself be wrapped under the adapter KBK, and only by a trusted key. Destroyed right after.
+pub fn ca_kek_generate() -> Vec<Attribute> {
+    vec![
+        Attribute::Token(false),
+        Attribute::Private(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::ValueLen(32.into()),
+    ]
+}
+
+/// A CA KEK as unwrapped under the adapter KBK (satisfies `partition_unwrap_forced`): unwraps
+/// only, and only keys that satisfy `ca_key_unwrap_forced`.
+pub fn ca_kek_load() -> Template {
+    Template::new(vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(true),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+    ])
+    .with_unwrap(ca_key_unwrap_forced())
+    .frozen()
+}
+
+/// The CA key pair at birth: (public, private). The public key is read for its point and
+/// destroyed. The private key signs and nothing else; it is extractable only for its one wrap
+/// under the CA KEK (a user session object, which cannot be trusted, so the private key cannot
+/// be `CKA_WRAP_WITH_TRUSTED`: SoftHSM then refuses the wrap with CKR_KEY_NOT_WRAPPABLE,
+/// measured) and destroyed right after, like a fresh customer key.
+pub fn ca_key_pair_generate() -> (Vec<Attribute>, Vec<Attribute>) {
+    (
+        vec![
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::EcParams(CA_P256_OID_DER.to_vec()),
+            Attribute::Verify(false),
+        ],
+        vec![
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(true),
+            Attribute::WrapWithTrusted(false),
+            Attribute::Sign(true),
+            Attribute::Decrypt(false),
+            Attribute::SignRecover(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+        ],
+    )
+}
+
+/// A CA private key as unwrapped for use: must satisfy `ca_key_unwrap_forced`.
+pub fn ca_key_load() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Token(false),
+        Attribute::Private(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::SignRecover(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
