@@ -811,6 +811,9 @@ pub fn error_name(e: &ClientError) -> String {
         ClientError::Credential(_) => "Credential".into(),
         ClientError::NoNodes => "NoNodes".into(),
         ClientError::Closed => "Closed".into(),
+        ClientError::Tls(_) => "Tls".into(),
+        ClientError::TlsConfig(_) => "TlsConfig".into(),
+        ClientError::Insecure(_) => "Insecure".into(),
     }
 }
 

@@ -10,7 +10,15 @@
 //!   reopened after failures, requests routed to the node leading the partition's shard, and
 //!   retryable errors and lost connections retried with backoff until the request timeout.
 //!
-//! Std threads and blocking sockets only: no async runtime is needed or assumed.
+//! * [`ClientTls`]: TLS 1.3 to the nodes (rustls, [`crate::tls::client_config`]): the cluster
+//!   CA, an optional client certificate, the name verified in each node's certificate. Without
+//!   it a connection is plaintext, and plaintext is allowed to loopback addresses only
+//!   ([`ClientError::Insecure`]).
+//!
+//! Std threads and blocking sockets only: no async runtime is needed or assumed. Over TLS the
+//! design stays the same (callers write pipelined requests, a reader thread matches answers):
+//! the rustls session sits in a mutex beside the raw socket, writers encrypt under it and write
+//! the records after releasing it, the reader decrypts what its blocking read brought.
 
 use crate::client_proto::{
     create_flags, proof_context, ErrorCode, ErrorReply, KeyStateCode, KeyWritten, Request,
@@ -18,6 +26,8 @@ use crate::client_proto::{
     CREDENTIAL_LEN,
 };
 use crate::frame::{self, flags, FrameHeader, FRAME_HEADER_BYTES};
+use crate::tls::{classify, classify_io, TlsFailure};
+use rustls_pki_types::ServerName;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{Read, Write};
@@ -53,6 +63,9 @@ pub const HELLO_REQUEST_ID: u64 = 1;
 pub const PROOF_REQUEST_ID: u64 = 2;
 /// Bytes the reader thread asks the socket for at a time.
 const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Largest capacity the TLS writer's record buffer keeps between writes (a bigger one, left by a
+/// large request, is given back).
+const TLS_OUT_KEEP_BYTES: usize = 256 << 10;
 
 // ---- errors ----
 
@@ -83,6 +96,18 @@ pub enum ClientError {
     /// The connection closed before the answer came.
     #[error("connection closed")]
     Closed,
+    /// The TLS handshake (or the TLS session) failed, and why: a certificate of another CA, a
+    /// wrong name, a revoked or expired certificate, a missing client certificate, or TLS on
+    /// one side only ([`TlsFailure::NotTls`]). A configuration problem: never retried.
+    #[error("TLS: {0}")]
+    Tls(TlsFailure),
+    /// Bad TLS material: a CA, certificate, key or revocation list file that does not read or
+    /// parse, a key that does not match, a server name that is not a name.
+    #[error("TLS configuration: {0}")]
+    TlsConfig(String),
+    /// Plaintext to an address that is not loopback was refused before connecting.
+    #[error("{0}")]
+    Insecure(String),
 }
 
 impl ClientError {
@@ -100,6 +125,9 @@ impl ClientError {
         match self {
             ClientError::Server(e) => e.code.is_retryable(),
             ClientError::Io(_) | ClientError::Closed | ClientError::NoNodes => true,
+            // Configuration errors (TLS refused, bad TLS material, plaintext off loopback)
+            // fail fast: retrying cannot fix them.
+            ClientError::Tls(_) | ClientError::TlsConfig(_) | ClientError::Insecure(_) => false,
             _ => false,
         }
     }
@@ -303,6 +331,90 @@ impl Credential {
     }
 }
 
+// ---- TLS ----
+
+/// TLS of a [`Connection`] and a [`Client`]: one rustls configuration shared by every
+/// connection (so sessions resume across them), and the name verified in each node's
+/// certificate.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub config: Arc<rustls::ClientConfig>,
+    /// Name to verify in every node's certificate (the cluster name,
+    /// [`crate::tls::cluster_name`], which every node's certificate carries); `None`: the IP
+    /// address dialed.
+    pub server_name: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("server_name", &self.server_name)
+            .field(
+                "client_cert",
+                &self.config.client_auth_cert_resolver.has_certs(),
+            )
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// From PEM files: `ca`, the cluster CA's certificate(s), and any revocation lists
+    /// (`X509 CRL` blocks) in the same file; `cert` and `key`, a client certificate chain and
+    /// its private key (both or neither). The configuration is TLS 1.3 only
+    /// ([`crate::tls::client_config`]).
+    pub fn from_files(
+        ca: &Path,
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        server_name: Option<String>,
+    ) -> Result<ClientTls, ClientError> {
+        let bad = |e: crate::tls::TlsConfigError| ClientError::TlsConfig(e.to_string());
+        let trust = crate::tls::Trust {
+            ca: crate::tls::read_certs("CA certificate", ca).map_err(bad)?,
+            crls: crate::tls::read_crls(ca).map_err(bad)?,
+        };
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some(crate::tls::TlsIdentity {
+                chain: crate::tls::read_certs("client certificate", cert).map_err(bad)?,
+                key: crate::tls::read_key(key).map_err(bad)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ClientError::TlsConfig(
+                    "a client certificate and its key go together: give both or neither".into(),
+                ))
+            }
+        };
+        if let Some(name) = &server_name {
+            server_name_of(name)?;
+        }
+        Ok(ClientTls {
+            config: crate::tls::client_config(&trust, identity).map_err(bad)?,
+            server_name,
+        })
+    }
+
+    /// The name verified for a node dialed at `addr`.
+    fn name_for(&self, addr: SocketAddr) -> Result<ServerName<'static>, ClientError> {
+        match &self.server_name {
+            Some(n) => server_name_of(n),
+            None => Ok(ServerName::from(addr.ip())),
+        }
+    }
+}
+
+fn server_name_of(name: &str) -> Result<ServerName<'static>, ClientError> {
+    ServerName::try_from(name.to_string()).map_err(|_| {
+        ClientError::TlsConfig(format!(
+            "server name {name:?} is neither a DNS name nor an IP address"
+        ))
+    })
+}
+
+/// The message of [`ClientError::Insecure`].
+pub const INSECURE_MESSAGE: &str =
+    "plaintext is allowed to loopback addresses only; give a CA (TLS)";
+
 // ---- options ----
 
 /// Limits of a [`Connection`] and a [`Client`].
@@ -315,6 +427,9 @@ pub struct ClientOptions {
     /// Most answers outstanding on one connection; a request beyond it is refused locally
     /// with `Overloaded`.
     pub max_in_flight: usize,
+    /// TLS to the nodes; `None`: plaintext, to loopback addresses only (any other address is
+    /// refused with [`ClientError::Insecure`]). The handshake is bounded by `connect_timeout`.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -323,6 +438,7 @@ impl Default for ClientOptions {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            tls: None,
         }
     }
 }
@@ -373,6 +489,41 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What is spoken on the socket.
+enum Wire {
+    Plain,
+    /// The rustls session. Lock order: [`Shared::writer`] first, then this; the reader thread,
+    /// which holds this, only ever `try_lock`s the writer.
+    Tls(Box<Mutex<rustls::ClientConnection>>),
+}
+
+/// The writing half: the socket, and (TLS) the buffer records are gathered in before they are
+/// written, kept to save an allocation per request.
+struct SockWriter {
+    sock: TcpStream,
+    tls_out: Vec<u8>,
+}
+
+impl SockWriter {
+    /// Takes every record `tls` has to send into `tls_out` (after what is there).
+    fn gather(&mut self, tls: &mut rustls::ClientConnection) -> std::io::Result<()> {
+        while tls.wants_write() {
+            tls.write_tls(&mut self.tls_out)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `tls_out` to the socket and empties it.
+    fn send_gathered(&mut self) -> std::io::Result<()> {
+        let r = self.sock.write_all(&self.tls_out);
+        self.tls_out.clear();
+        if self.tls_out.capacity() > TLS_OUT_KEEP_BYTES {
+            self.tls_out = Vec::new();
+        }
+        r
+    }
+}
+
 struct Shared {
     /// Outstanding requests by request id.
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
@@ -380,7 +531,12 @@ struct Shared {
     /// Next request id; ids below it were issued, so a late answer to an abandoned request
     /// (timed out, dropped) is recognised and ignored.
     next_id: AtomicU64,
-    writer: Mutex<TcpStream>,
+    /// Held for a whole frame's write, so frames (and TLS records) go out whole and in order.
+    writer: Mutex<SockWriter>,
+    wire: Wire,
+    /// Why the TLS session (or the node's first bytes) failed, once the reader saw it: a
+    /// request started after that close is told why rather than just `Closed`.
+    tls_failure: Mutex<Option<TlsFailure>>,
     /// Another handle of the socket, to shut it down without waiting for a blocked writer.
     control: TcpStream,
     max_in_flight: usize,
@@ -389,6 +545,9 @@ struct Shared {
 impl Shared {
     /// Marks the connection closed and completes every outstanding request with `why`.
     fn close(&self, why: ClientError) {
+        if let ClientError::Tls(f) = &why {
+            lock(&self.tls_failure).get_or_insert_with(|| f.clone());
+        }
         self.closed.store(true, Ordering::SeqCst);
         let _ = self.control.shutdown(Shutdown::Both);
         let slots: Vec<Arc<Slot>> = lock(&self.slots).drain().map(|(_, s)| s).collect();
@@ -448,7 +607,7 @@ impl Shared {
             shared: self.clone(),
             id,
         };
-        let written = lock(&self.writer).write_all(&bytes);
+        let written = self.write_frame(&bytes);
         if let Err(e) = written {
             // Part of a frame may have gone: the stream is out of step, so it is closed.
             let err = io_err(e);
@@ -456,6 +615,79 @@ impl Shared {
             return Err(err);
         }
         Ok(pending)
+    }
+
+    /// Writes one whole frame: plaintext as is; over TLS, encrypted under the session lock and
+    /// written after it is released (the writer lock, held throughout, keeps records in the
+    /// order they were made, and a blocked socket never holds up the reader's decryption).
+    fn write_frame(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut w = lock(&self.writer);
+        let tls = match &self.wire {
+            Wire::Plain => return w.sock.write_all(bytes),
+            Wire::Tls(tls) => tls,
+        };
+        {
+            let mut c = lock(tls);
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let n = c.writer().write(rest)?;
+                rest = &rest[n..];
+                // Emptying the session's record buffer makes room for the rest.
+                w.gather(&mut c)?;
+                if n == 0 && !rest.is_empty() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        "TLS session takes no more data",
+                    ));
+                }
+            }
+        }
+        w.send_gathered()
+    }
+
+    /// Sends what the session has to send (a key update's answer) if no writer is busy; a
+    /// busy writer sends it with its own records. Never blocks on the writer lock.
+    fn flush_tls(&self, tls: &Mutex<rustls::ClientConnection>) -> std::io::Result<()> {
+        let Ok(mut w) = self.writer.try_lock() else {
+            return Ok(());
+        };
+        w.gather(&mut lock(tls))?;
+        if w.tls_out.is_empty() {
+            return Ok(());
+        }
+        w.send_gathered()
+    }
+
+    /// Over TLS: decrypts `data` (read from the socket) and appends its plaintext to `buf`.
+    /// Returns whether the node closed the session (close_notify).
+    fn decrypt(
+        &self,
+        tls: &Mutex<rustls::ClientConnection>,
+        mut data: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, ClientError> {
+        let mut peer_closed = false;
+        let wants_write = {
+            let mut c = lock(tls);
+            while !data.is_empty() {
+                c.read_tls(&mut data).map_err(io_err)?;
+                let st = c
+                    .process_new_packets()
+                    .map_err(|e| ClientError::Tls(classify(&e)))?;
+                let k = st.plaintext_bytes_to_read();
+                if k > 0 {
+                    let old = buf.len();
+                    buf.resize(old + k, 0);
+                    c.reader().read_exact(&mut buf[old..]).map_err(io_err)?;
+                }
+                peer_closed |= st.peer_has_closed();
+            }
+            c.wants_write()
+        };
+        if wants_write {
+            self.flush_tls(tls).map_err(io_err)?;
+        }
+        Ok(peer_closed)
     }
 
     /// The reader thread: decodes answers and completes their slots until the stream ends.
@@ -470,6 +702,8 @@ impl Shared {
     fn read_frames(&self, stream: &mut TcpStream) -> Result<(), ClientError> {
         let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
         let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+        // No answer decoded yet: the first bytes may show the node speaks TLS to our plaintext.
+        let mut first = true;
         loop {
             let n = match stream.read(&mut chunk) {
                 Ok(0) => return Ok(()),
@@ -482,7 +716,18 @@ impl Shared {
                     return Err(io_err(e));
                 }
             };
-            buf.extend_from_slice(&chunk[..n]);
+            let peer_closed = match &self.wire {
+                Wire::Plain => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if first && buf.len() >= 2 && matches!(buf[..2], [0x15 | 0x16, 0x03]) {
+                        // A TLS alert or handshake record: a TLS port, answering our
+                        // plaintext (frames start with "KFRM").
+                        return Err(ClientError::Tls(TlsFailure::NotTls));
+                    }
+                    false
+                }
+                Wire::Tls(tls) => self.decrypt(tls, &chunk[..n], &mut buf)?,
+            };
             let mut used = 0;
             loop {
                 match frame::decode(&buf[used..]) {
@@ -495,6 +740,7 @@ impl Shared {
                             )));
                         }
                         self.answer(f.header, f.payload)?;
+                        first = false;
                         used += len;
                     }
                     Ok(None) => {
@@ -516,6 +762,9 @@ impl Shared {
                 }
             }
             buf.drain(..used);
+            if peer_closed {
+                return Ok(());
+            }
         }
     }
 
@@ -572,6 +821,8 @@ pub struct Connection {
     addr: SocketAddr,
     node_id: u64,
     cluster_id: [u8; 16],
+    tls: bool,
+    resumed: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -579,33 +830,58 @@ impl std::fmt::Debug for Connection {
         f.debug_struct("Connection")
             .field("addr", &self.addr)
             .field("node_id", &self.node_id)
+            .field("tls", &self.tls)
             .field("closed", &self.is_closed())
             .finish()
     }
 }
 
 impl Connection {
-    /// Connects (within `connect_timeout`), starts the reader thread and authenticates
-    /// (hello, then proof; each answer awaited up to `request_timeout`). A wrong credential is
-    /// `ClientError::Server` with code `Unauthenticated`.
+    /// Connects (within `connect_timeout`), makes the TLS handshake when `opts.tls` is set
+    /// (also within `connect_timeout`), starts the reader thread and authenticates (hello,
+    /// then proof; each answer awaited up to `request_timeout`). A wrong credential is
+    /// `ClientError::Server` with code `Unauthenticated`; a refused handshake is
+    /// [`ClientError::Tls`]; plaintext (`opts.tls` unset) to an address that is not loopback
+    /// is refused before connecting with [`ClientError::Insecure`].
     pub fn open(
         addr: SocketAddr,
         cred: &Credential,
         opts: &ClientOptions,
     ) -> Result<Connection, ClientError> {
-        let stream = TcpStream::connect_timeout(&addr, opts.connect_timeout).map_err(io_err)?;
+        if opts.tls.is_none() && !addr.ip().to_canonical().is_loopback() {
+            return Err(ClientError::Insecure(format!("{addr}: {INSECURE_MESSAGE}")));
+        }
+        let server_name = opts.tls.as_ref().map(|t| t.name_for(addr)).transpose()?;
+        let mut stream = TcpStream::connect_timeout(&addr, opts.connect_timeout).map_err(io_err)?;
         stream.set_nodelay(true).map_err(io_err)?;
+        let wire = match (&opts.tls, server_name) {
+            (Some(tls), Some(name)) => {
+                let session = handshake(&mut stream, tls, name, opts.connect_timeout)?;
+                Wire::Tls(Box::new(Mutex::new(session)))
+            }
+            _ => Wire::Plain,
+        };
+        let resumed = match &wire {
+            Wire::Plain => false,
+            Wire::Tls(c) => lock(c).handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        };
         // A node that stops reading must not block a writer forever.
         stream
             .set_write_timeout(Some(opts.request_timeout.max(Duration::from_millis(1))))
             .map_err(io_err)?;
         let reader = stream.try_clone().map_err(io_err)?;
         let control = stream.try_clone().map_err(io_err)?;
+        let tls = matches!(wire, Wire::Tls(_));
         let shared = Arc::new(Shared {
             slots: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(PROOF_REQUEST_ID + 1),
-            writer: Mutex::new(stream),
+            writer: Mutex::new(SockWriter {
+                sock: stream,
+                tls_out: Vec::new(),
+            }),
+            wire,
+            tls_failure: Mutex::new(None),
             control,
             max_in_flight: opts.max_in_flight.max(1),
         });
@@ -621,17 +897,32 @@ impl Connection {
             addr,
             node_id: 0,
             cluster_id: [0; 16],
+            tls,
+            resumed,
         };
         let hello = Request::Hello {
             version: CLIENT_PROTOCOL_VERSION,
             scope: cred.scope,
             client_id: cred.client_id,
         };
-        let (challenge, cluster_id, node_id) = match conn
-            .shared
-            .start(HELLO_REQUEST_ID, &hello)?
-            .wait(opts.request_timeout)?
-        {
+        // A node that refuses our certificate says so with an alert after the handshake, which
+        // the reader may see before the hello is written (or fails to be): that alert is the
+        // answer to the hello and the proof.
+        let call = |id: u64, req: &Request| {
+            conn.shared
+                .start(id, req)
+                .and_then(|p| p.wait(opts.request_timeout))
+                .map_err(|e| match e {
+                    ClientError::Closed | ClientError::Io(_) => {
+                        match lock(&conn.shared.tls_failure).clone() {
+                            Some(f) => ClientError::Tls(f),
+                            None => e,
+                        }
+                    }
+                    e => e,
+                })
+        };
+        let (challenge, cluster_id, node_id) = match call(HELLO_REQUEST_ID, &hello)? {
             Response::Challenge {
                 challenge,
                 cluster_id,
@@ -641,11 +932,7 @@ impl Connection {
         };
         let context = proof_context(&cluster_id, node_id, &cred.scope, &cred.client_id);
         let response = keyfort_hsm::client_answer(&cred.secret, &challenge, &context);
-        match conn
-            .shared
-            .start(PROOF_REQUEST_ID, &Request::Proof { response })?
-            .wait(opts.request_timeout)?
-        {
+        match call(PROOF_REQUEST_ID, &Request::Proof { response })? {
             Response::Accepted => {}
             other => return Err(unexpected("proof", &other)),
         }
@@ -668,6 +955,17 @@ impl Connection {
         self.addr
     }
 
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Whether the TLS session was resumed from an earlier connection's (same
+    /// [`ClientTls::config`]): no full handshake, no certificate exchange.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
     /// Sends `req` now (a blocking write on the socket) and returns its pending answer.
     /// Refused locally, without sending, with `ClientError::Server(Overloaded)` when
     /// `max_in_flight` answers are outstanding, and with [`ClientError::Closed`] once the
@@ -687,6 +985,85 @@ impl Connection {
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::SeqCst)
     }
+}
+
+/// Bytes read through it, to tell a node that hung up at once from one that spoke first.
+struct Counted<'a> {
+    sock: &'a mut TcpStream,
+    read: u64,
+}
+
+impl Read for Counted<'_> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.sock.read(b)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for Counted<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.sock.write(b)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// The TLS handshake on the blocking socket, within `limit` per read and write.
+fn handshake(
+    sock: &mut TcpStream,
+    tls: &ClientTls,
+    name: ServerName<'static>,
+    limit: Duration,
+) -> Result<rustls::ClientConnection, ClientError> {
+    let expected = match &name {
+        ServerName::DnsName(d) => d.as_ref().to_string(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => format!("{other:?}"),
+    };
+    let mut conn = rustls::ClientConnection::new(tls.config.clone(), name)
+        .map_err(|e| ClientError::Tls(classify(&e)))?;
+    let limit = Some(limit.max(Duration::from_millis(1)));
+    sock.set_read_timeout(limit).map_err(io_err)?;
+    sock.set_write_timeout(limit).map_err(io_err)?;
+    let mut counted = Counted { sock, read: 0 };
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut counted) {
+            return Err(match classify_io(&e) {
+                Some(TlsFailure::WrongName { .. }) => {
+                    ClientError::Tls(TlsFailure::WrongName { expected })
+                }
+                Some(f) => ClientError::Tls(f),
+                // The node hung up on our ClientHello without a byte of TLS: a plaintext
+                // keyfort port does that with a frame it cannot read.
+                None if counted.read == 0
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    ClientError::Tls(TlsFailure::NotTls)
+                }
+                None if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+                {
+                    ClientError::Io(format!("TLS handshake: no answer within {limit:?}"))
+                }
+                None => ClientError::Io(format!("TLS handshake: {e}")),
+            });
+        }
+    }
+    let sock = counted.sock;
+    sock.set_read_timeout(None).map_err(io_err)?;
+    sock.set_write_timeout(None).map_err(io_err)?;
+    Ok(conn)
 }
 
 impl Drop for Connection {

@@ -32,6 +32,7 @@ fn opts() -> ClientOptions {
         request_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_millis(500),
         max_in_flight: 16,
+        tls: None,
     }
 }
 

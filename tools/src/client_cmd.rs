@@ -9,14 +9,14 @@
 use crate::card::CardAt;
 use crate::cluster_cmd::hex;
 use keyfort_engine::cluster::ClusterConfig;
-use keyfort_net::client::{Client, ClientOptions, Credential};
+use keyfort_net::client::{Client, ClientOptions, ClientTls, Credential};
 use keyfort_net::client_proto::{KeyStateCode, KeyWritten, Scope};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Where the cluster is and which credential to use.
+/// Where the cluster is, which credential to use, and how to trust the nodes.
 #[derive(Debug, clap::Args)]
 pub struct Conn {
     /// Client addresses of the nodes, comma separated.
@@ -28,6 +28,25 @@ pub struct Conn {
     /// Per-request time limit in milliseconds (retries included).
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// The cluster CA's certificate (PEM, the cluster's ca.pem; revocation lists appended to
+    /// it are honored): connect with TLS 1.3 and accept only nodes with certificates it
+    /// issued.
+    #[arg(long, env = "KEYFORT_CA")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to the nodes; needs --key.
+    #[arg(long, env = "KEYFORT_CERT")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, env = "KEYFORT_KEY")]
+    key: Option<PathBuf>,
+    /// Name to verify in every node's certificate (e.g. the cluster name
+    /// `<cluster id hex>.keyfort`); by default the IP address dialed.
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Plaintext, without TLS: allowed only when every node is a loopback address
+    /// (127.0.0.1, ::1), for a local test cluster.
+    #[arg(long)]
+    insecure_loopback: bool,
 }
 
 impl Conn {
@@ -37,8 +56,48 @@ impl Conn {
         if self.nodes.is_empty() {
             return Err("no nodes: pass --nodes HOST:PORT,... or set KEYFORT_NODES".into());
         }
+        let tls = match (&self.ca, self.insecure_loopback) {
+            (Some(_), true) => {
+                return Err("--ca and --insecure-loopback together: give one".into());
+            }
+            (Some(ca), false) => Some(
+                ClientTls::from_files(
+                    ca,
+                    self.cert.as_deref(),
+                    self.key.as_deref(),
+                    self.server_name.clone(),
+                )
+                .map_err(|e| e.to_string())?,
+            ),
+            (None, true) => {
+                if let Some(a) = self
+                    .nodes
+                    .iter()
+                    .find(|a| !a.ip().to_canonical().is_loopback())
+                {
+                    return Err(format!(
+                        "--insecure-loopback: {a} is not a loopback address; pass --ca FILE \
+                         (the cluster's ca.pem) to use TLS"
+                    ));
+                }
+                if self.cert.is_some() || self.key.is_some() || self.server_name.is_some() {
+                    return Err(
+                        "--cert, --key and --server-name are for TLS: they need --ca".into(),
+                    );
+                }
+                None
+            }
+            (None, false) => {
+                return Err(
+                    "no CA: pass --ca FILE (the cluster's ca.pem) or --insecure-loopback \
+                            for plaintext to 127.0.0.1"
+                        .into(),
+                );
+            }
+        };
         let opts = ClientOptions {
             request_timeout: Duration::from_millis(self.timeout_ms),
+            tls,
             ..ClientOptions::default()
         };
         Client::connect(self.nodes.clone(), cred, opts).map_err(|e| e.to_string())
