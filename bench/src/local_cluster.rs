@@ -24,6 +24,15 @@ pub struct LocalCluster {
     pub keyfortd: PathBuf,
     pub nodes: Vec<Node>,
     pub shards: u32,
+    pub security: Security,
+}
+
+/// How a local cluster's nodes talk: TLS (the cluster CA made at `cluster init`, in
+/// `<root>/tls`), or plaintext on 127.0.0.1 (`insecure_loopback`: tests and measurements).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Security {
+    Tls,
+    InsecureLoopback,
 }
 
 /// One shard's line of a node's `status.json`.
@@ -131,8 +140,7 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
 }
 
 impl LocalCluster {
-    /// Cards (one realm), the cluster (integrity key made on node 1's card), every node's data
-    /// dir and config. `keyfort` and `keyfortd` are the binaries to run.
+    /// [`Self::create_with`] plaintext on loopback ([`Security::InsecureLoopback`]).
     pub fn create(
         root: &Path,
         keyfort: &Path,
@@ -141,6 +149,31 @@ impl LocalCluster {
         shards: u32,
         synthetic_in_flight: usize,
         tick_ms: u64,
+    ) -> Result<LocalCluster, String> {
+        Self::create_with(
+            root,
+            keyfort,
+            keyfortd,
+            nodes,
+            shards,
+            synthetic_in_flight,
+            tick_ms,
+            Security::InsecureLoopback,
+        )
+    }
+
+    /// Cards (one realm), the cluster (integrity key and TLS CA made on node 1's card), every
+    /// node's data dir and config. `keyfort` and `keyfortd` are the binaries to run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_with(
+        root: &Path,
+        keyfort: &Path,
+        keyfortd: &Path,
+        nodes: u64,
+        shards: u32,
+        synthetic_in_flight: usize,
+        tick_ms: u64,
+        security: Security,
     ) -> Result<LocalCluster, String> {
         let io = |e: std::io::Error| format!("{}: {e}", root.display());
         std::fs::create_dir_all(root).map_err(io)?;
@@ -188,7 +221,7 @@ impl LocalCluster {
             let data_dir = dir.join("data");
             let config = dir.join("keyfortd.json");
             let client_addr: std::net::SocketAddr = ([127, 0, 0, 1], *client_port).into();
-            let cfg = serde_json::json!({
+            let mut cfg = serde_json::json!({
                 "data_dir": data_dir,
                 "peer_listen": peer_addr,
                 "client_listen": client_addr,
@@ -197,6 +230,10 @@ impl LocalCluster {
                 "synthetic_in_flight": synthetic_in_flight,
                 "seed_peers": seeds,
             });
+            match security {
+                Security::Tls => cfg["tls"] = serde_json::json!({ "dir": root.join("tls") }),
+                Security::InsecureLoopback => cfg["insecure_loopback"] = true.into(),
+            }
             std::fs::write(&config, cfg.to_string()).map_err(io)?;
             out.push(Node {
                 id: i,
@@ -239,7 +276,38 @@ impl LocalCluster {
             keyfortd: keyfortd.to_path_buf(),
             nodes: out,
             shards,
+            security,
         })
+    }
+
+    /// The cluster's TLS directory (`cluster init` made it beside the cluster config).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+
+    /// The CA certificate clients trust, when the cluster runs TLS.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        (self.security == Security::Tls).then(|| self.tls_dir().join("ca.pem"))
+    }
+
+    /// What a client library user passes in `ClientOptions::tls` to reach this cluster: the
+    /// cluster CA (server authentication), or none for the insecure loopback mode.
+    pub fn client_tls(&self) -> Result<Option<keyfort_net::client::ClientTls>, String> {
+        self.ca_file()
+            .map(|ca| {
+                keyfort_net::client::ClientTls::from_files(&ca, None, None, None)
+                    .map_err(|e| e.to_string())
+            })
+            .transpose()
+    }
+
+    /// The `keyfort` flags that reach this cluster's nodes: `--ca <root>/tls/ca.pem`, or
+    /// `--insecure-loopback`.
+    pub fn conn_args(&self) -> Vec<std::ffi::OsString> {
+        match self.ca_file() {
+            Some(ca) => vec!["--ca".into(), ca.into()],
+            None => vec!["--insecure-loopback".into()],
+        }
     }
 
     /// Every node's client address.

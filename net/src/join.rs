@@ -26,6 +26,7 @@ use crate::peer::{
     CLUSTER_ID_LEN, HANDSHAKE_REQUEST_ID, MAX_REJECT_REASON_BYTES, PEER_CONFIG,
     PEER_CONFIG_REQUEST, PEER_JOIN_GRANT, PEER_JOIN_REQUEST, PEER_REJECT,
 };
+use crate::tls::{DialTls, Stream, TlsFailure};
 use crate::transport::{
     within, write_out, ConnError, FrameReader, PeerTransport, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT,
     WRITE_TIMEOUT,
@@ -319,6 +320,9 @@ pub enum JoinError {
     /// or a payload or frame broke the protocol (`Truncated`, `Malformed`, `UnexpectedFrame`).
     #[error("peer protocol: {0}")]
     Peer(#[from] PeerError),
+    /// The TLS handshake was refused (this node's certificate, or the dialed node's).
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsFailure),
     /// The node is not the leader; the leader's address when it knows it.
     #[error("not the leader (leader at {leader_addr:?})")]
     NotLeader { leader_addr: Option<String> },
@@ -381,6 +385,7 @@ impl JoinError {
                 JoinError::from_reject(Reject { code, reason })
             }
             ConnError::Peer(e) => JoinError::Peer(e),
+            ConnError::Tls(f) => JoinError::Tls(f),
             other => JoinError::Io(io::Error::other(other.to_string())),
         }
     }
@@ -401,16 +406,19 @@ async fn bounded<T>(
     .await
 }
 
-async fn connect(addr: SocketAddr) -> Result<TcpStream, JoinError> {
+async fn connect(addr: SocketAddr, tls: Option<&DialTls>) -> Result<Stream, JoinError> {
     let s = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)
         .await
         .map_err(io::Error::from)?;
     let _ = s.set_nodelay(true);
-    Ok(s)
+    Ok(match tls {
+        Some(t) => Stream::connect(s, t.config.clone(), &t.name).await?,
+        None => Stream::Plain(s),
+    })
 }
 
 /// Reads the answer frame; returns its header (payload in `reader`).
-async fn answer(s: &mut TcpStream, reader: &mut FrameReader) -> Result<FrameHeader, JoinError> {
+async fn answer(s: &mut Stream, reader: &mut FrameReader) -> Result<FrameHeader, JoinError> {
     reader.next(s).await.map_err(JoinError::from_conn)
 }
 
@@ -419,8 +427,16 @@ async fn answer(s: &mut TcpStream, reader: &mut FrameReader) -> Result<FrameHead
 /// integrity key's import in a card of the realm, and the handshake made with it afterwards,
 /// show it is genuine.
 pub async fn fetch_cluster_config(addr: SocketAddr) -> Result<ClusterConfig, JoinError> {
+    fetch_cluster_config_over(addr, None).await
+}
+
+/// [`fetch_cluster_config`] over TLS when `tls` is given.
+pub async fn fetch_cluster_config_over(
+    addr: SocketAddr,
+    tls: Option<&DialTls>,
+) -> Result<ClusterConfig, JoinError> {
     bounded(CONFIG_FETCH_TIMEOUT, "cluster config fetch", async {
-        let mut s = connect(addr).await?;
+        let mut s = connect(addr, tls).await?;
         let mut out = Vec::new();
         let h = FrameHeader {
             flags: 0,
@@ -463,10 +479,21 @@ pub async fn request_join(
     prover: &dyn Prover,
     req: &JoinRequest,
 ) -> Result<JoinGrant, JoinError> {
+    request_join_over(addr, cluster_id, prover, req, None).await
+}
+
+/// [`request_join`] over TLS when `tls` is given (the joiner's certificate, `joiner.<cluster>`).
+pub async fn request_join_over(
+    addr: SocketAddr,
+    cluster_id: [u8; CLUSTER_ID_LEN],
+    prover: &dyn Prover,
+    req: &JoinRequest,
+    tls: Option<&DialTls>,
+) -> Result<JoinGrant, JoinError> {
     let mut payload = Vec::new();
     req.encode(&mut payload)?;
     bounded(JOIN_TIMEOUT, "join", async {
-        let mut s = connect(addr).await?;
+        let mut s = connect(addr, tls).await?;
         let mut reader = FrameReader::new();
         let me = PeerIdentity {
             cluster_id,
@@ -505,7 +532,7 @@ pub async fn request_join(
 async fn handshake(
     me: PeerIdentity,
     prover: &dyn Prover,
-    s: &mut TcpStream,
+    s: &mut Stream,
     reader: &mut FrameReader,
 ) -> Result<(), JoinError> {
     let mut hs = Dialer::new(me, None, new_challenge(&mut rand::rngs::OsRng));
@@ -603,7 +630,7 @@ pub(crate) fn answer_config(
 pub(crate) async fn serve_join(
     t: &PeerTransport,
     handler: Option<JoinHandler>,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     reader: &mut FrameReader,
 ) -> Result<bool, ConnError> {
     let h = within(HANDSHAKE_TIMEOUT, "join request", reader.next(stream)).await?;

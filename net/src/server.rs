@@ -24,10 +24,12 @@ use crate::client_proto::{
     CLIENT_MAX_FRAME_PAYLOAD, CLIENT_PROTOCOL_VERSION,
 };
 use crate::frame::{self, flags, FrameError, FrameHeader};
+use crate::tls::Stream;
 use crate::transport::{within, ConnError, FrameReader};
 use futures_lite::future::poll_fn;
 use futures_lite::AsyncWriteExt;
 use glommio::net::{TcpListener, TcpStream};
+use rustls_pki_types::CertificateDer;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -70,6 +72,16 @@ pub trait ClientService {
         scope: Scope,
         req: Request,
     ) -> Pin<Box<dyn Future<Output = Result<Response, ErrorReply>>>>;
+    /// Whether a connection authenticated for `scope` may go on with the client certificate
+    /// it presented over TLS (`None`: none, or plaintext). Called after the proof verified;
+    /// an error is the answer to the proof. Default: any.
+    fn check_client_cert(
+        &self,
+        _scope: &Scope,
+        _cert: Option<&CertificateDer<'static>>,
+    ) -> Result<(), ErrorReply> {
+        Ok(())
+    }
     /// Whether the node is stopping: new requests are answered `ShuttingDown`.
     fn shutting_down(&self) -> bool {
         false
@@ -85,6 +97,9 @@ pub struct ServerStats {
     pub auth_failures: u64,
     pub bad_frames: u64,
     pub overloaded: u64,
+    /// Connections whose TLS handshake failed (plaintext to the TLS port, an old protocol, a
+    /// client certificate of another CA, expired or revoked).
+    pub tls_failures: u64,
     pub requests: u64,
 }
 
@@ -165,6 +180,8 @@ pub struct ClientServer {
     /// Indexed like [`op::ALL`].
     latency: RefCell<[OpLatency; op::ALL.len()]>,
     errors: RefCell<std::collections::BTreeMap<(u16, u16), u64>>,
+    /// TLS on every connection (none: plaintext, the loopback-only insecure mode).
+    tls: RefCell<Option<std::sync::Arc<rustls::ServerConfig>>>,
 }
 
 impl ClientServer {
@@ -175,7 +192,30 @@ impl ClientServer {
             stats: RefCell::new(ServerStats::default()),
             latency: RefCell::default(),
             errors: RefCell::default(),
+            tls: RefCell::new(None),
         })
+    }
+
+    /// Serves every connection accepted from now on over TLS with `config`.
+    pub fn set_tls(&self, config: std::sync::Arc<rustls::ServerConfig>) {
+        *self.tls.borrow_mut() = Some(config);
+    }
+
+    /// Plaintext, or the TLS handshake (a failure is counted and logged, and closes `tcp`).
+    async fn secure(&self, tcp: TcpStream) -> Option<Stream> {
+        let tls = self.tls.borrow().clone();
+        let Some(config) = tls else {
+            return Some(Stream::Plain(tcp));
+        };
+        let remote = tcp.peer_addr().ok();
+        match Stream::accept(tcp, config).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.stats.borrow_mut().tls_failures += 1;
+                debug!(?remote, error = %e, "client TLS handshake refused");
+                None
+            }
+        }
     }
 
     pub fn stats(&self) -> ServerStats {
@@ -240,13 +280,19 @@ impl ClientServer {
             let live = self.stats.borrow().connections;
             if live >= MAX_CONNECTIONS {
                 self.stats.borrow_mut().refused_connections += 1;
-                glommio::spawn_local(refuse(
-                    stream,
-                    ErrorReply::new(
-                        ErrorCode::Overloaded,
-                        format!("too many client connections ({MAX_CONNECTIONS})"),
-                    ),
-                ))
+                let me = self.clone();
+                glommio::spawn_local(async move {
+                    if let Some(stream) = me.secure(stream).await {
+                        refuse(
+                            stream,
+                            ErrorReply::new(
+                                ErrorCode::Overloaded,
+                                format!("too many client connections ({MAX_CONNECTIONS})"),
+                            ),
+                        )
+                        .await
+                    }
+                })
                 .detach();
                 continue;
             }
@@ -258,8 +304,10 @@ impl ClientServer {
             let me = self.clone();
             glommio::spawn_local(async move {
                 let remote = stream.peer_addr().ok();
-                if let Err(e) = me.clone().serve(stream).await {
-                    debug!(?remote, error = %e, "client connection ended");
+                if let Some(stream) = me.secure(stream).await {
+                    if let Err(e) = me.clone().serve(stream).await {
+                        debug!(?remote, error = %e, "client connection ended");
+                    }
                 }
                 me.stats.borrow_mut().connections -= 1;
             })
@@ -267,11 +315,15 @@ impl ClientServer {
         }
     }
 
-    async fn serve(self: Rc<Self>, stream: TcpStream) -> Result<(), ConnError> {
+    async fn serve(self: Rc<Self>, stream: Stream) -> Result<(), ConnError> {
+        let cert = stream
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned());
         let (mut rd, wr) = futures_lite::io::split(stream);
         let out = Rc::new(Outbox::default());
         let writer = glommio::spawn_local(run_writer(wr, out.clone()));
-        let r = self.read_loop(&mut rd, &out).await;
+        let r = self.read_loop(&mut rd, &out, cert.as_ref()).await;
         out.close();
         let _ = writer.await;
         r
@@ -281,10 +333,11 @@ impl ClientServer {
         self: &Rc<Self>,
         rd: &mut R,
         out: &Rc<Outbox>,
+        cert: Option<&CertificateDer<'static>>,
     ) -> Result<(), ConnError> {
         let mut reader = FrameReader::with_max(CLIENT_MAX_FRAME_PAYLOAD);
         let scope = match within(AUTH_TIMEOUT, "client authentication", async {
-            self.authenticate(rd, &mut reader, out).await
+            self.authenticate(rd, &mut reader, out, cert).await
         })
         .await
         {
@@ -387,6 +440,7 @@ impl ClientServer {
         rd: &mut R,
         reader: &mut FrameReader,
         out: &Outbox,
+        cert: Option<&CertificateDer<'static>>,
     ) -> Result<Option<Scope>, ConnError> {
         let h = reader.next(rd).await?;
         let hello = Request::decode(h.opcode, reader.payload());
@@ -459,10 +513,17 @@ impl ClientServer {
             .verify_proof(scope, client_id, challenge, context, response)
             .await
         {
-            Ok(true) => {
-                out.answer(h, &Response::Accepted);
-                Ok(Some(scope))
-            }
+            Ok(true) => match self.service.check_client_cert(&scope, cert) {
+                Ok(()) => {
+                    out.answer(h, &Response::Accepted);
+                    Ok(Some(scope))
+                }
+                Err(e) => {
+                    self.stats.borrow_mut().auth_failures += 1;
+                    self.error(out, h, e);
+                    Ok(None)
+                }
+            },
             Ok(false) => {
                 self.stats.borrow_mut().auth_failures += 1;
                 self.error(
@@ -587,7 +648,7 @@ async fn run_writer<W: futures_lite::AsyncWrite + Unpin>(mut wr: W, out: Rc<Outb
 }
 
 /// Writes one error answer (request id 0) and closes.
-async fn refuse(mut stream: TcpStream, e: ErrorReply) {
+async fn refuse(mut stream: Stream, e: ErrorReply) {
     let mut b = Vec::new();
     let h = FrameHeader {
         flags: flags::RESPONSE | flags::ERROR,

@@ -32,10 +32,10 @@ use crate::peer::{
     PeerError, SnapshotChunk, SnapshotChunkRequest, MAX_SNAPSHOT_CHUNK_BYTES, PEER_SNAPSHOT_CHUNK,
     PEER_SNAPSHOT_CHUNK_REQUEST, SNAPSHOT_CHUNK_HEADER_LEN,
 };
+use crate::tls::Stream;
 use crate::transport::{within, write_out, ConnError, FrameReader, PeerTransport, WRITE_TIMEOUT};
 use futures_lite::AsyncWriteExt;
 use glommio::io::{BufferedFile, Directory, DmaFile};
-use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -188,7 +188,7 @@ impl SnapshotServer {
     pub(crate) async fn serve(
         &self,
         t: &PeerTransport,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         reader: &mut FrameReader,
         peer: u64,
         first: FrameHeader,
@@ -540,7 +540,7 @@ impl Transfer<'_> {
     }
 
     /// Runs the transfer on one established connection until done or it ends.
-    async fn run(&mut self, stream: &mut TcpStream) -> Result<(), ConnEnd> {
+    async fn run(&mut self, stream: &mut Stream) -> Result<(), ConnEnd> {
         let mut reader = FrameReader::new();
         let mut in_flight: VecDeque<(u64, u64)> = VecDeque::new();
         let mut redo: VecDeque<u64> = VecDeque::new();

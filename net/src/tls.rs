@@ -373,6 +373,15 @@ impl NodeTls {
     }
 }
 
+/// How a node dials over TLS where it knows no raft id to verify (a joiner fetching the config
+/// and asking to join): the client configuration (with the joiner's certificate) and the name
+/// the dialed node must carry, [`cluster_name`].
+#[derive(Clone)]
+pub struct DialTls {
+    pub config: Arc<ClientConfig>,
+    pub name: String,
+}
+
 /// A connection of a node: plaintext (loopback-only insecure mode) or TLS, either side.
 pub enum Stream {
     Plain(TcpStream),

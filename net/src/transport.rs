@@ -62,6 +62,7 @@ use crate::peer::{
     PEER_SNAPSHOT_CHUNK_REQUEST, RAFT_BATCH_HEADER_LEN, RAFT_BATCH_MESSAGE_OVERHEAD,
 };
 use crate::snapshot_stream::{ServeFaults, SnapshotResolver, SnapshotServer};
+use crate::tls::{cert_names, joiner_name, node_name, NodeTls, Stream, TlsFailure};
 use futures_lite::future::{or, poll_fn};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
@@ -132,6 +133,9 @@ pub struct TransportStats {
     pub handshake_failures_outbound: u64,
     /// Handshakes that failed as the listener.
     pub handshake_failures_inbound: u64,
+    /// Connections refused by TLS, either side (also counted as handshake failures): another
+    /// CA, an expired or revoked certificate, a certificate naming another node, plaintext.
+    pub tls_failures: u64,
     /// Outbound connections established.
     pub connects: u64,
     /// Outbound connections established after an earlier one to the same peer (or a failed
@@ -240,6 +244,8 @@ pub(crate) enum ConnError {
     Spoofed { from: u64, peer: u64 },
     #[error("the listener sent data or closed")]
     ListenerTalked,
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsFailure),
 }
 
 impl From<glommio::GlommioError<()>> for ConnError {
@@ -345,7 +351,7 @@ pub(crate) async fn within<T>(
     .await
 }
 
-pub(crate) async fn write_out(s: &mut TcpStream, out: &mut Vec<u8>) -> Result<(), ConnError> {
+pub(crate) async fn write_out(s: &mut Stream, out: &mut Vec<u8>) -> Result<(), ConnError> {
     if !out.is_empty() {
         s.write_all(out).await?;
         s.flush().await?;
@@ -386,6 +392,8 @@ pub struct PeerTransport {
     config: RefCell<Option<ConfigSource>>,
     /// The join handler (none: `JOINER_NODE_ID` is not admitted).
     joins: RefCell<Option<JoinHandler>>,
+    /// TLS on every connection (none: plaintext, the loopback-only insecure mode).
+    tls: RefCell<Option<NodeTls>>,
 }
 
 impl PeerTransport {
@@ -414,7 +422,19 @@ impl PeerTransport {
             snapshots: SnapshotServer::default(),
             config: RefCell::new(None),
             joins: RefCell::new(None),
+            tls: RefCell::new(None),
         })
+    }
+
+    /// Runs every connection from now on over TLS (module docs of [`crate::tls`]): set it
+    /// before [`Self::listen`] and the first send.
+    pub fn set_tls(&self, tls: NodeTls) {
+        *self.tls.borrow_mut() = Some(tls);
+    }
+
+    /// The TLS of this transport, if on.
+    pub fn tls(&self) -> Option<NodeTls> {
+        self.tls.borrow().clone()
     }
 
     /// This node's identity.
@@ -549,24 +569,34 @@ impl PeerTransport {
         }
     }
 
-    async fn serve_inbound(self: Rc<Self>, mut stream: TcpStream, conn: u64) {
-        let remote = stream.peer_addr().ok();
-        let _ = stream.set_nodelay(true);
+    async fn serve_inbound(self: Rc<Self>, tcp: TcpStream, conn: u64) {
+        let remote = tcp.peer_addr().ok();
+        let _ = tcp.set_nodelay(true);
         let mut reader = FrameReader::new();
-        let hs = within(
-            HANDSHAKE_TIMEOUT,
-            "inbound handshake",
-            self.listener_handshake(&mut stream, &mut reader),
-        )
+        let tls = self.tls();
+        let hs = within(HANDSHAKE_TIMEOUT, "inbound handshake", async {
+            let mut stream = match &tls {
+                Some(t) => Stream::accept(tcp, t.peer_server.clone()).await?,
+                None => Stream::Plain(tcp),
+            };
+            let peer = self.listener_handshake(&mut stream, &mut reader).await?;
+            if let (Some(_), Some(p)) = (&tls, peer) {
+                self.check_peer_cert(&stream, p)?;
+            }
+            Ok((stream, peer))
+        })
         .await;
         self.handshaking.set(self.handshaking.get() - 1);
-        let peer = match hs {
-            Ok(Some(peer)) => peer,
-            Ok(None) => {
+        let (mut stream, peer) = match hs {
+            Ok((stream, Some(peer))) => (stream, peer),
+            Ok((_, None)) => {
                 debug!(node = self.me.node_id, ?remote, "config request answered");
                 return;
             }
             Err(e) => {
+                if matches!(e, ConnError::Tls(_)) {
+                    self.bump(|s| s.tls_failures += 1);
+                }
                 self.bump(|s| s.handshake_failures_inbound += 1);
                 warn!(node = self.me.node_id, ?remote, error = %e, "inbound peer handshake failed");
                 return;
@@ -661,10 +691,30 @@ impl PeerTransport {
         }
     }
 
+    /// TLS: the certificate of an authenticated peer must name the raft id its HMAC handshake
+    /// proved (`n<id>.<cluster>`; a joiner's `joiner.<cluster>`), so a certificate of another
+    /// node, a removed one or a client is refused even though the cluster CA issued it.
+    fn check_peer_cert(&self, stream: &Stream, peer: u64) -> Result<(), ConnError> {
+        let expected = if peer == JOINER_NODE_ID {
+            joiner_name(&self.me.cluster_id)
+        } else {
+            node_name(&self.me.cluster_id, peer)
+        };
+        let leaf = stream
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or(ConnError::Tls(TlsFailure::NoCertificate))?;
+        if cert_names(leaf, &expected) {
+            Ok(())
+        } else {
+            Err(ConnError::Tls(TlsFailure::WrongName { expected }))
+        }
+    }
+
     /// The authenticated peer, or `None` for a config request that was answered.
     async fn listener_handshake(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         reader: &mut FrameReader,
     ) -> Result<Option<u64>, ConnError> {
         let mut hs = Listener::new(self.me, new_challenge(&mut rand::rngs::OsRng));
@@ -720,7 +770,7 @@ impl PeerTransport {
 
     async fn read_batches(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         reader: &mut FrameReader,
         peer: u64,
         first: FrameHeader,
@@ -870,31 +920,42 @@ impl PeerTransport {
     }
 
     /// Connects to `peer` at `addr` and runs the dialer handshake (counted in the stats).
-    pub(crate) async fn dial(&self, peer: u64, addr: SocketAddr) -> Result<TcpStream, ConnError> {
-        let mut stream = match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await {
+    pub(crate) async fn dial(&self, peer: u64, addr: SocketAddr) -> Result<Stream, ConnError> {
+        let tcp = match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await {
             Ok(s) => s,
             Err(e) => {
                 self.bump(|s| s.dial_failures += 1);
                 return Err(ConnError::Io(e.into()));
             }
         };
-        let _ = stream.set_nodelay(true);
-        let r = within(
-            HANDSHAKE_TIMEOUT,
-            "outbound handshake",
-            self.dialer_handshake(peer, &mut stream),
-        )
+        let _ = tcp.set_nodelay(true);
+        let tls = self.tls();
+        let r = within(HANDSHAKE_TIMEOUT, "outbound handshake", async {
+            // The dialed node is verified by name: its certificate must say `n<peer>`.
+            let mut stream = match &tls {
+                Some(t) => {
+                    let name = node_name(&self.me.cluster_id, peer);
+                    Stream::connect(tcp, t.peer_client.clone(), &name).await?
+                }
+                None => Stream::Plain(tcp),
+            };
+            self.dialer_handshake(peer, &mut stream).await?;
+            Ok(stream)
+        })
         .await;
         match r {
-            Ok(()) => Ok(stream),
+            Ok(stream) => Ok(stream),
             Err(e) => {
+                if matches!(e, ConnError::Tls(_)) {
+                    self.bump(|s| s.tls_failures += 1);
+                }
                 self.bump(|s| s.handshake_failures_outbound += 1);
                 Err(e)
             }
         }
     }
 
-    async fn dialer_handshake(&self, peer: u64, stream: &mut TcpStream) -> Result<(), ConnError> {
+    async fn dialer_handshake(&self, peer: u64, stream: &mut Stream) -> Result<(), ConnError> {
         let mut hs = Dialer::new(self.me, Some(peer), new_challenge(&mut rand::rngs::OsRng));
         let mut out = Vec::new();
         let mut reader = FrameReader::new();
@@ -916,12 +977,7 @@ impl PeerTransport {
     }
 
     /// Writes batches until an error; returns why the connection ended.
-    async fn write_batches(
-        &self,
-        peer: u64,
-        addr: SocketAddr,
-        stream: &mut TcpStream,
-    ) -> ConnError {
+    async fn write_batches(&self, peer: u64, addr: SocketAddr, stream: &mut Stream) -> ConnError {
         enum Wake {
             Work,
             Moved,

@@ -621,7 +621,7 @@ pub const UP_LEADER_WAIT: Duration = Duration::from_secs(60);
 /// `keyfort cluster up N`: a local cluster of N keyfortd processes with their own SoftHSM
 /// cards under `dir`, an admin credential, and the lines to export; runs until SIGINT/SIGTERM,
 /// then stops every node with SIGTERM.
-pub fn up(nodes: u64, shards: u32, dir: &Path) -> crate::CmdResult {
+pub fn up(nodes: u64, shards: u32, dir: &Path, tls: bool) -> crate::CmdResult {
     let (keyfort, keyfortd) = keyfort_bench::local_cluster::binaries_beside_exe()?;
     if dir.exists() {
         return Err(format!(
@@ -630,7 +630,7 @@ pub fn up(nodes: u64, shards: u32, dir: &Path) -> crate::CmdResult {
         ));
     }
     let t = Instant::now();
-    let mut c = keyfort_bench::local_cluster::LocalCluster::create(
+    let mut c = keyfort_bench::local_cluster::LocalCluster::create_with(
         dir,
         &keyfort,
         &keyfortd,
@@ -638,6 +638,11 @@ pub fn up(nodes: u64, shards: u32, dir: &Path) -> crate::CmdResult {
         shards,
         0,
         crate::node::DEFAULT_TICK_MS,
+        if tls {
+            keyfort_bench::local_cluster::Security::Tls
+        } else {
+            keyfort_bench::local_cluster::Security::InsecureLoopback
+        },
     )?;
     c.start_all()?;
     let ready = c.wait_for(UP_LEADER_WAIT, |c| {
@@ -657,6 +662,10 @@ pub fn up(nodes: u64, shards: u32, dir: &Path) -> crate::CmdResult {
     );
     println!("export KEYFORT_NODES={}", addrs.join(","));
     println!("export KEYFORT_CREDENTIAL={}", cred.display());
+    match c.ca_file() {
+        Some(ca) => println!("export KEYFORT_CA={}", ca.display()),
+        None => println!("(plaintext on 127.0.0.1: pass --insecure-loopback to keyfort)"),
+    }
     println!("(SIGINT or SIGTERM stops every node)");
     crate::signals::install();
     while !crate::signals::terminate_requested() {

@@ -30,6 +30,10 @@ pub enum ClusterCmd {
         members: Vec<String>,
         #[arg(long)]
         out: PathBuf,
+        /// The cluster's TLS directory to make (the CA, made in this card; `crate::pki`).
+        /// Default: `tls` beside `--out`.
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
     },
     /// Prepare an initial member's data dir from the cluster config.
     Bootstrap {
@@ -64,6 +68,9 @@ pub enum ClusterCmd {
         shards: u32,
         #[arg(long)]
         dir: PathBuf,
+        /// Plaintext on 127.0.0.1 instead of TLS (tests and measurements only).
+        #[arg(long)]
+        insecure_loopback: bool,
     },
 }
 
@@ -74,7 +81,8 @@ pub fn run(cmd: ClusterCmd) -> crate::CmdResult {
             shards,
             members,
             out,
-        } => init(&card, shards, &members, &out),
+            tls_dir,
+        } => init(&card, shards, &members, &out, tls_dir),
         ClusterCmd::Bootstrap {
             config,
             node_id,
@@ -84,7 +92,12 @@ pub fn run(cmd: ClusterCmd) -> crate::CmdResult {
             crate::client_cmd::admin_credential(&card, &config, &out)
         }
         ClusterCmd::Status { conn, json } => crate::client_cmd::status(&conn, json),
-        ClusterCmd::Up { nodes, shards, dir } => crate::client_cmd::up(nodes, shards, &dir),
+        ClusterCmd::Up {
+            nodes,
+            shards,
+            dir,
+            insecure_loopback,
+        } => crate::client_cmd::up(nodes, shards, &dir, !insecure_loopback),
     }
 }
 
@@ -103,7 +116,18 @@ fn parse_member(s: &str) -> Result<Member, String> {
     })
 }
 
-fn init(card: &CardAt, shards: u32, members: &[String], out: &Path) -> crate::CmdResult {
+/// Where `cluster init --out FILE` puts the TLS directory by default: `tls` beside FILE.
+pub fn default_tls_dir(out: &Path) -> PathBuf {
+    out.parent().unwrap_or(Path::new(".")).join("tls")
+}
+
+fn init(
+    card: &CardAt,
+    shards: u32,
+    members: &[String],
+    out: &Path,
+    tls_dir: Option<PathBuf>,
+) -> crate::CmdResult {
     let mut members = members
         .iter()
         .map(|m| parse_member(m))
@@ -124,14 +148,18 @@ fn init(card: &CardAt, shards: u32, members: &[String], out: &Path) -> crate::Cm
         .file_name()
         .ok_or_else(|| format!("{}: not a file path", out.display()))?
         .to_string_lossy();
+    let tls_dir = tls_dir.unwrap_or_else(|| default_tls_dir(out));
+    crate::pki::TlsDir::create(&tls_dir, &session, cfg.cluster_id)?;
     write_durable(dir, &name, &bytes).map_err(|e| e.to_string())?;
     println!(
-        "cluster {} made: {} shards, {} members, integrity key made in card {}; config written to {}",
+        "cluster {} made: {} shards, {} members, integrity key and TLS CA made in card {}; \
+         config written to {}, TLS directory to {}",
         hex(&cfg.cluster_id),
         cfg.shard_count,
         cfg.members.len(),
         card.label(),
-        out.display()
+        out.display(),
+        tls_dir.display()
     );
     Ok(())
 }

@@ -12,7 +12,7 @@
 //! acknowledged key is described and decrypts on every node, and every node's state digest
 //! agrees.
 
-use keyfort_bench::local_cluster::LocalCluster;
+use keyfort_bench::local_cluster::{LocalCluster, Security};
 use keyfort_net::client::{Client, ClientOptions, Credential};
 use keyfort_net::client_proto::{ErrorCode, Request, Response};
 use std::path::Path;
@@ -109,7 +109,16 @@ pub fn cluster_drill(dir: &Path) -> crate::CmdResult {
     let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
     let keyfortd = exe.with_file_name("keyfortd");
     let t = Instant::now();
-    let mut c = LocalCluster::create(dir, &exe, &keyfortd, NODES, SHARDS, 0, TICK_MS)?;
+    let mut c = LocalCluster::create_with(
+        dir,
+        &exe,
+        &keyfortd,
+        NODES,
+        SHARDS,
+        0,
+        TICK_MS,
+        Security::Tls,
+    )?;
     line(
         "cards, cluster init, bootstrap of 3 data dirs",
         t.elapsed().as_secs_f64() * 1e3,
@@ -123,6 +132,7 @@ pub fn cluster_drill(dir: &Path) -> crate::CmdResult {
     let admin = Credential::read_file(&admin_file).map_err(|e| e.to_string())?;
     let opts = ClientOptions {
         request_timeout: Duration::from_secs(15),
+        tls: c.client_tls()?,
         ..ClientOptions::default()
     };
     let e = |e: keyfort_net::client::ClientError| e.to_string();

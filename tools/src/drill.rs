@@ -53,7 +53,7 @@
 //! RPO ≤ 5 s.
 
 use keyfort_bench::bulk::{bulk_key_header, bulk_partition};
-use keyfort_bench::local_cluster::LocalCluster;
+use keyfort_bench::local_cluster::{LocalCluster, Security};
 use keyfort_net::client::{Client, ClientError, ClientOptions, Credential};
 use keyfort_net::client_proto::{ErrorCode, Request, Response, MAX_LIST_KEYS};
 use serde_json::{json, Value};
@@ -86,6 +86,9 @@ pub struct DrillArgs {
     /// Size of the disk read and S3 GET probes, MiB.
     #[arg(long, default_value_t = 256)]
     pub probe_mib: u64,
+    /// Plaintext on 127.0.0.1 instead of TLS between the nodes and to them.
+    #[arg(long)]
+    pub insecure_loopback: bool,
     /// Skip the durable tier (c) and the S3 server.
     #[arg(long)]
     pub no_durable: bool,
@@ -650,7 +653,7 @@ fn drill(args: &DrillArgs) -> Result<Value, String> {
         None => None,
     };
 
-    let c = LocalCluster::create(
+    let c = LocalCluster::create_with(
         &args.dir.join("cluster"),
         &exe,
         &keyfortd,
@@ -658,7 +661,13 @@ fn drill(args: &DrillArgs) -> Result<Value, String> {
         args.shards,
         0,
         crate::node::DEFAULT_TICK_MS,
+        if args.insecure_loopback {
+            Security::InsecureLoopback
+        } else {
+            Security::Tls
+        },
     )?;
+    let tls = c.client_tls()?;
     c.configure(|v| {
         v["compaction_records"] = json!(NO_COMPACTION);
         v["status_ms"] = json!(STATUS_MS);
@@ -677,6 +686,7 @@ fn drill(args: &DrillArgs) -> Result<Value, String> {
         sample: args.sample,
         opts: ClientOptions {
             request_timeout: CLIENT_TIMEOUT,
+            tls,
             ..ClientOptions::default()
         },
         clients: Vec::new(),
@@ -961,6 +971,9 @@ fn durable_step(d: &mut Drill, url: &str) -> Result<(f64, f64, Value, Verified),
         .arg(d.c.root.join("node-1/card"))
         .args(["--label", "node-1", "--json"])
         .env("KEYFORT_PIN_FILE", d.c.pin_file());
+    if d.c.ca_file().is_some() {
+        restore.arg("--tls-dir").arg(d.c.tls_dir());
+    }
     for n in &d.c.nodes {
         restore
             .arg("--node")

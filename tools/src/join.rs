@@ -23,10 +23,11 @@ use keyfort_engine::state::{Op, OutcomeCode};
 use keyfort_engine::wbl::{HardState, Wbl, WblOptions};
 use keyfort_hsm::CoreSession;
 use keyfort_net::join::{
-    fetch_cluster_config, request_join, JoinError, JoinGrant, JoinRefusal, JoinRequest,
+    fetch_cluster_config_over, request_join_over, JoinError, JoinGrant, JoinRefusal, JoinRequest,
 };
 use keyfort_net::peer::{PeerIdentity, Prover};
 use keyfort_net::snapshot_stream::fetch_snapshot;
+use keyfort_net::tls::DialTls;
 use keyfort_net::transport::PeerTransport;
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use std::cell::{Cell, RefCell};
@@ -91,8 +92,32 @@ impl Prover for CardProver {
 pub async fn join(cfg: &NodeConfig) -> Result<Identity, String> {
     let t0 = Instant::now();
     clear_partial_join(&cfg.data_dir)?;
-    let (cluster, seed) = fetch_config(&cfg.seed_peers).await?;
     let card = crate::card::open(&cfg.card.token_dir, &cfg.card.label)?;
+    // Over TLS a joiner presents a `joiner.<cluster>` certificate it issues itself in its card
+    // (only a card of the realm can), and checks the seeds carry the cluster's name.
+    let dial_tls = match &cfg.tls {
+        Some(t) => {
+            let dir = crate::pki::TlsDir::open(&t.dir)?;
+            let ca = dir.ca_in(card.session().map_err(|e| e.to_string())?)?;
+            let id = ca.issue(
+                &dir,
+                &crate::pki::Subject::Joiner,
+                crate::pki::Validity {
+                    days: 1,
+                    backdate_days: 0,
+                },
+            )?;
+            drop(ca);
+            let config = keyfort_net::tls::client_config(&dir.trust()?, Some(id))
+                .map_err(|e| e.to_string())?;
+            Some(DialTls {
+                config,
+                name: keyfort_net::tls::cluster_name(&dir.cluster_id),
+            })
+        }
+        None => None,
+    };
+    let (cluster, seed) = fetch_config(&cfg.seed_peers, dial_tls.as_ref()).await?;
     let mut session = card.session().map_err(|e| e.to_string())?;
     session
         .import_integrity_key(&cluster.integrity_key_wrapped)
@@ -108,7 +133,7 @@ pub async fn join(cfg: &NodeConfig) -> Result<Identity, String> {
     let req = JoinRequest {
         peer_addr: cfg.peer_listen.to_string(),
     };
-    let grant = ask(seed, &cluster, &prover, &req).await?;
+    let grant = ask(seed, &cluster, &prover, &req, dial_tls.as_ref()).await?;
     let granted = ClusterConfig::decode(&grant.config).map_err(|e| format!("join grant: {e}"))?;
     if granted.cluster_id != cluster.cluster_id
         || granted.member(grant.node_id).is_none()
@@ -139,6 +164,18 @@ pub async fn join(cfg: &NodeConfig) -> Result<Identity, String> {
         peers_of(&granted, grant.node_id)?,
         Rc::new(|_, _, _| {}),
     );
+    if let Some(t) = &cfg.tls {
+        let subject = crate::pki::Subject::Node {
+            node_id: grant.node_id,
+            ips: crate::node::listen_ips(cfg),
+        };
+        transport.set_tls(crate::node::node_tls(
+            t,
+            &card,
+            granted.cluster_id,
+            subject,
+        )?);
+    }
     let r = seed_shards(cfg, &transport, &session, &grant).await;
     transport.close().await;
     r?;
@@ -182,10 +219,13 @@ fn clear_partial_join(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-async fn fetch_config(seeds: &[SocketAddr]) -> Result<(ClusterConfig, SocketAddr), String> {
+async fn fetch_config(
+    seeds: &[SocketAddr],
+    tls: Option<&DialTls>,
+) -> Result<(ClusterConfig, SocketAddr), String> {
     let mut errors = Vec::new();
     for &seed in seeds {
-        match fetch_cluster_config(seed).await {
+        match fetch_cluster_config_over(seed, tls).await {
             Ok(c) => return Ok((c, seed)),
             Err(e) => errors.push(format!("{seed}: {e}")),
         }
@@ -206,11 +246,12 @@ async fn ask(
     cluster: &ClusterConfig,
     prover: &dyn Prover,
     req: &JoinRequest,
+    tls: Option<&DialTls>,
 ) -> Result<JoinGrant, String> {
     let mut to = seed;
     let mut last = String::new();
     for _ in 0..JOIN_ATTEMPTS_MAX {
-        match request_join(to, cluster.cluster_id, prover, req).await {
+        match request_join_over(to, cluster.cluster_id, prover, req, tls).await {
             Ok(g) => return Ok(g),
             Err(JoinError::NotLeader {
                 leader_addr: Some(a),
@@ -218,7 +259,7 @@ async fn ask(
                 to = a.parse().expect("checked");
                 continue;
             }
-            Err(e @ (JoinError::Peer(_) | JoinError::Config(_))) => {
+            Err(e @ (JoinError::Peer(_) | JoinError::Config(_) | JoinError::Tls(_))) => {
                 return Err(format!("join via {to}: {e}"));
             }
             Err(e) => last = format!("{to}: {e}"),

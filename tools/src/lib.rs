@@ -14,11 +14,13 @@ pub mod durable;
 pub mod join;
 pub mod metrics;
 pub mod node;
+pub mod pki;
 pub mod recovery_report;
 pub mod restore;
 pub mod service;
 pub mod signals;
 pub mod snapshot_cmd;
+pub mod tls_cmd;
 pub mod wbl_cmd;
 
 /// Outcome of a CLI subcommand: `Err` carries the one-line message printed before a non-zero exit.

@@ -104,6 +104,99 @@ pub struct NodeConfig {
     /// benchmarks that time recovery from it use less).
     #[serde(default)]
     pub status_ms: Option<u64>,
+    /// TLS on both protocols (`crate::pki`): the cluster's TLS directory. Required unless
+    /// `insecure_loopback` is set.
+    #[serde(default)]
+    pub tls: Option<NodeTlsConfig>,
+    /// Plaintext on both protocols, allowed only when every address this node listens on,
+    /// dials or joins through is a loopback address (a test or a one-machine demo). Never
+    /// together with `tls`.
+    #[serde(default)]
+    pub insecure_loopback: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTlsConfig {
+    /// The cluster's TLS directory: `ca.pem`, `ca-key.kfca`, `cluster-id`, optional `crl.pem`
+    /// (`keyfort cluster init` writes it; docs/operations.md "TLS").
+    pub dir: PathBuf,
+}
+
+/// Refuses a config with neither TLS nor the insecure loopback mode, with both, or with the
+/// insecure mode and an address that is not loopback.
+pub fn check_transport_security(cfg: &NodeConfig) -> Result<(), String> {
+    match (&cfg.tls, cfg.insecure_loopback) {
+        (Some(_), true) => Err("both \"tls\" and \"insecure_loopback\" are set: choose one".into()),
+        (None, false) => Err(
+            "no transport security: set \"tls\": {\"dir\": ...} (the cluster's TLS \
+             directory, made by `keyfort cluster init`), or \"insecure_loopback\": true for \
+             plaintext on loopback addresses only"
+                .into(),
+        ),
+        (Some(_), false) => Ok(()),
+        (None, true) => {
+            let addrs = std::iter::once(cfg.peer_listen)
+                .chain(cfg.client_listen)
+                .chain(cfg.seed_peers.iter().copied());
+            check_loopback(addrs)
+        }
+    }
+}
+
+/// Every address loopback, or an error naming the first that is not.
+pub fn check_loopback(addrs: impl IntoIterator<Item = SocketAddr>) -> Result<(), String> {
+    for a in addrs {
+        if !a.ip().is_loopback() {
+            return Err(format!(
+                "insecure_loopback: {a} is not a loopback address (plaintext is refused off \
+                 this machine; configure \"tls\")"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// This node's TLS: its certificate issued now, in its card, for `node_id` (a new key in
+/// memory for the life of the process), trusting the directory's CA and revocation list.
+pub fn node_tls(
+    t: &NodeTlsConfig,
+    card: &keyfort_hsm::Card,
+    cluster_id: [u8; 16],
+    subject: crate::pki::Subject,
+) -> Result<keyfort_net::tls::NodeTls, String> {
+    let dir = crate::pki::TlsDir::open(&t.dir)?;
+    if dir.cluster_id != cluster_id {
+        return Err(format!(
+            "{}: the TLS directory is of cluster {}, this node's cluster is {}",
+            t.dir.display(),
+            hex(&dir.cluster_id),
+            hex(&cluster_id)
+        ));
+    }
+    let ca = dir.ca_in(card.session().map_err(|e| e.to_string())?)?;
+    let identity = ca.issue(
+        &dir,
+        &subject,
+        crate::pki::Validity {
+            days: crate::pki::NODE_CERT_DAYS,
+            backdate_days: 0,
+        },
+    )?;
+    drop(ca);
+    keyfort_net::tls::NodeTls::new(cluster_id, &dir.trust()?, identity).map_err(|e| e.to_string())
+}
+
+/// The IP addresses a node's certificate names: those it listens on (not wildcards).
+pub fn listen_ips(cfg: &NodeConfig) -> Vec<std::net::IpAddr> {
+    let mut ips: Vec<std::net::IpAddr> = std::iter::once(cfg.peer_listen)
+        .chain(cfg.client_listen)
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +286,7 @@ pub fn run(config_path: &Path) -> crate::CmdResult {
     let cfg: NodeConfig =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config_path.display()))?;
     crate::metrics::check_listen(cfg.metrics_listen)?;
+    check_transport_security(&cfg)?;
     let s = |e: keyfort_engine::cluster::ClusterError| e.to_string();
     std::env::set_var(keyfort_hsm::pin::USER_PIN_FILE_ENV, &cfg.card.pin_file);
     let started = Instant::now();
@@ -253,6 +347,21 @@ async fn node(
         .map_err(|e| format!("cluster integrity key: {e}"))?;
     let session = Rc::new(session);
     let peers = peers_of(&cluster, id.node_id)?;
+    let tls = match &cfg.tls {
+        Some(t) => Some(node_tls(
+            t,
+            card,
+            cluster.cluster_id,
+            crate::pki::Subject::Node {
+                node_id: id.node_id,
+                ips: listen_ips(&cfg),
+            },
+        )?),
+        None => {
+            check_loopback(peers.values().copied())?;
+            None
+        }
+    };
     let replicas: Rc<RefCell<Vec<Rc<Replica>>>> = Rc::new(RefCell::new(Vec::new()));
     let inbound = replicas.clone();
     let handler = Rc::new(move |_from: u64, shard: u32, m: Message| {
@@ -270,6 +379,9 @@ async fn node(
         peers,
         handler,
     );
+    if let Some(t) = &tls {
+        transport.set_tls(t.clone());
+    }
     let snap_root = cfg.data_dir.clone();
     transport.serve_snapshots(Rc::new(move |shard: u32, lsn: u64, _term: u64| {
         let p =
@@ -319,6 +431,9 @@ async fn node(
         archives: RefCell::new(Vec::new()),
     });
     let client_server = keyfort_net::server::ClientServer::new(service.clone());
+    if let Some(t) = &tls {
+        client_server.set_tls(t.client_server.clone());
+    }
     let client_bound = match cfg.client_listen {
         Some(addr) => Some(
             client_server

@@ -75,6 +75,11 @@ pub struct RestoreArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// The old cluster's TLS directory: its CA carries on for the restored cluster (checked in
+    /// this card), and the directory is bound to the new cluster id, so clients keep their
+    /// `ca.pem` and a node of the old cluster started with it refuses to run.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
     /// Profile the restore in process and write a flamegraph SVG here when it ends
     /// (perf/README.md).
     #[arg(long, value_name = "FILE")]
@@ -177,6 +182,19 @@ fn run_restore(args: RestoreArgs) -> crate::CmdResult {
         &args.card,
         &nodes,
     )?;
+    if let Some(dir) = &args.tls_dir {
+        crate::pki::TlsDir::rebind(
+            dir,
+            args.card.session_without_integrity_key()?,
+            &r.old_cluster_id,
+            r.cluster.cluster_id,
+        )?;
+        eprintln!(
+            "TLS directory {} now serves cluster {}",
+            dir.display(),
+            hex(&r.cluster.cluster_id)
+        );
+    }
     if args.json {
         println!("{}", r.to_json());
         return Ok(());

@@ -515,6 +515,7 @@ fn a_cluster_lost_whole_comes_back_from_s3_with_every_backed_up_key() {
     let nodes_arg: Vec<String> = c.client_addrs().iter().map(|a| a.to_string()).collect();
     let out = Command::new(keyfort())
         .args(["cluster", "status", "--nodes", &nodes_arg.join(",")])
+        .args(c.conn_args())
         .arg("--credential")
         .arg(croot.join("admin.cred"))
         .output()

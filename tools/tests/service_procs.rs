@@ -218,7 +218,11 @@ fn transient(e: &ClientError) -> bool {
         | ClientError::Io(_)
         | ClientError::Closed
         | ClientError::NoNodes => true,
-        ClientError::Protocol(_) | ClientError::Credential(_) => false,
+        ClientError::Protocol(_)
+        | ClientError::Credential(_)
+        | ClientError::Tls(_)
+        | ClientError::TlsConfig(_)
+        | ClientError::Insecure(_) => false,
     }
 }
 

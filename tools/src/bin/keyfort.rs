@@ -29,6 +29,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// The cluster CA: client certificates, revocation, probing a node's TLS.
+    Tls {
+        #[command(subcommand)]
+        cmd: keyfort_tools::tls_cmd::TlsCmd,
+    },
     /// Offline tools for a write-behind log directory.
     Wbl {
         #[command(subcommand)]
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Card { cmd } => keyfort_tools::card::run(cmd),
         Cmd::Cluster { cmd } => keyfort_tools::cluster_cmd::run(cmd),
+        Cmd::Tls { cmd } => keyfort_tools::tls_cmd::run(cmd),
         Cmd::Wbl { cmd } => keyfort_tools::wbl_cmd::run(cmd),
         Cmd::Snapshot { cmd } => keyfort_tools::snapshot_cmd::run(cmd),
         Cmd::Partition { cmd } => keyfort_tools::client_cmd::partition(cmd),
