@@ -580,9 +580,6 @@ impl PeerTransport {
                 None => Stream::Plain(tcp),
             };
             let peer = self.listener_handshake(&mut stream, &mut reader).await?;
-            if let (Some(_), Some(p)) = (&tls, peer) {
-                self.check_peer_cert(&stream, p)?;
-            }
             Ok((stream, peer))
         })
         .await;
@@ -691,23 +688,14 @@ impl PeerTransport {
         }
     }
 
-    /// TLS: the certificate of an authenticated peer must name the raft id its HMAC handshake
-    /// proved (`n<id>.<cluster>`; a joiner's `joiner.<cluster>`), so a certificate of another
-    /// node, a removed one or a client is refused even though the cluster CA issued it.
-    fn check_peer_cert(&self, stream: &Stream, peer: u64) -> Result<(), ConnError> {
-        let expected = if peer == JOINER_NODE_ID {
+    /// TLS: the name the certificate of a peer claiming `node` must carry (`n<id>.<cluster>`;
+    /// a joiner's `joiner.<cluster>`), so a certificate of another node, a removed one or a
+    /// client is refused even though the cluster CA issued it.
+    fn peer_cert_name(&self, node: u64) -> String {
+        if node == JOINER_NODE_ID {
             joiner_name(&self.me.cluster_id)
         } else {
-            node_name(&self.me.cluster_id, peer)
-        };
-        let leaf = stream
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .ok_or(ConnError::Tls(TlsFailure::NoCertificate))?;
-        if cert_names(leaf, &expected) {
-            Ok(())
-        } else {
-            Err(ConnError::Tls(TlsFailure::WrongName { expected }))
+            node_name(&self.me.cluster_id, node)
         }
     }
 
@@ -718,7 +706,19 @@ impl PeerTransport {
         reader: &mut FrameReader,
     ) -> Result<Option<u64>, ConnError> {
         let mut hs = Listener::new(self.me, new_challenge(&mut rand::rngs::OsRng));
+        // Over TLS the Hello's node id must be the one the certificate names: checked when the
+        // Hello arrives, so a mismatch is refused (as an unknown node) before any Accept.
+        let leaf = stream.peer_certificates().and_then(|c| c.first()).cloned();
+        let tls = stream.is_tls();
+        let mismatch: Cell<Option<String>> = Cell::new(None);
         let members = |node: u64| {
+            if tls {
+                let expected = self.peer_cert_name(node);
+                if !leaf.as_ref().is_some_and(|c| cert_names(c, &expected)) {
+                    mismatch.set(Some(expected));
+                    return Admission::Unknown;
+                }
+            }
             if node == JOINER_NODE_ID {
                 // Never `AlreadyConnected`: joiners are not in the connection table.
                 if self.joins.borrow().is_some() {
@@ -758,6 +758,9 @@ impl PeerTransport {
             let step = hs.on_frame(&f, &*self.prover, &members, &mut out);
             // The Accept, the Challenge or the Reject; a failed courtesy Reject changes nothing.
             let sent = write_out(stream, &mut out).await;
+            if let Some(expected) = mismatch.take() {
+                return Err(ConnError::Tls(TlsFailure::WrongName { expected }));
+            }
             match step? {
                 Step::Continue => sent?,
                 Step::Established { peer } => {

@@ -368,6 +368,13 @@ fn render_client(o: &mut Out, stats: &ServerStats, req: &RequestMetrics) {
             stats.bad_frames,
         ),
         (
+            "keyfort_client_tls_failures_total",
+            "counter",
+            "Client connections whose TLS handshake failed (plaintext to the TLS port, TLS 1.2, \
+             a client certificate of another CA, expired or revoked).",
+            stats.tls_failures,
+        ),
+        (
             "keyfort_client_overloaded_total",
             "counter",
             "Client requests answered Overloaded (too many in flight).",

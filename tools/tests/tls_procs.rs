@@ -301,8 +301,33 @@ fn tls_cluster_serves_and_refuses_with_typed_errors() {
         "data key on the wire"
     );
 
-    // --- clients
+    // --- pipelining over TLS, and session resumption (one ClientTls: one ticket cache)
     let addr = c.nodes[leader].client_addr;
+    let first = Connection::open(addr, &cred, &opts(tls.clone())).expect("TLS connection");
+    assert!(first.is_tls());
+    let pending: Vec<_> = (0..1000u32)
+        .map(|i| {
+            first
+                .start(&Request::Encrypt {
+                    key_id: key,
+                    aad: Vec::new(),
+                    plaintext: i.to_le_bytes().to_vec(),
+                })
+                .expect("pipelined start")
+        })
+        .collect();
+    for p in pending {
+        let r = p.wait(Duration::from_secs(30)).expect("pipelined answer");
+        assert!(matches!(r, Response::Encrypted { .. }), "{r:?}");
+    }
+    let again = Connection::open(addr, &cred, &opts(tls.clone())).expect("second connection");
+    assert!(
+        again.resumed(),
+        "the second connection resumed the first one's session"
+    );
+    drop((first, again));
+
+    // --- clients that must be refused
     match Connection::open(addr, &cred, &opts(None)) {
         Err(ClientError::Tls(TlsFailure::NotTls)) => {}
         other => panic!("plaintext client to a TLS port: {other:?}"),

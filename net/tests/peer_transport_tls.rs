@@ -1,0 +1,163 @@
+//! The peer transport over mutual TLS (net/src/tls.rs, net/src/transport.rs), in process on
+//! 127.0.0.1 with certificates made here by a test CA (rcgen; the real CA signs in a card,
+//! tools/tests/tls_procs.rs): messages flow between nodes whose certificates name their raft
+//! ids; a node whose certificate names another raft id than the one its HMAC handshake proves
+//! is refused by the listener, a node with a certificate of another CA or none is refused, and
+//! a plaintext node cannot reach a TLS one — each counted as a TLS failure, nothing delivered.
+
+mod common;
+use common::*;
+use keyfort_engine::raft::Transport;
+use keyfort_net::tls::{node_name, NodeTls, TlsIdentity, Trust};
+use keyfort_net::transport::PeerTransport;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("test CA {}", rand::random::<u32>()),
+        );
+        let cert = p.self_signed(&key).unwrap();
+        TestCa { cert, key }
+    }
+
+    fn trust(&self) -> Trust {
+        Trust {
+            ca: vec![self.cert.der().clone()],
+            crls: Vec::new(),
+        }
+    }
+
+    /// A certificate naming `name` (and 127.0.0.1).
+    fn issue(&self, name: &str) -> TlsIdentity {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        TlsIdentity {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        }
+    }
+
+    fn node_tls(&self, trust: &Trust, name_id: u64) -> NodeTls {
+        NodeTls::new(CLUSTER, trust, self.issue(&node_name(&CLUSTER, name_id))).unwrap()
+    }
+}
+
+/// Nodes 1 and 2 listening and knowing each other; node 1 with `tls1`, node 2 with `tls2`.
+fn pair(
+    tls1: Option<NodeTls>,
+    tls2: Option<NodeTls>,
+) -> (Rc<PeerTransport>, Rc<PeerTransport>, Sink, Sink) {
+    let (t1, s1) = node(1, CLUSTER, KEY);
+    let (t2, s2) = node(2, CLUSTER, KEY);
+    if let Some(t) = tls1 {
+        t1.set_tls(t);
+    }
+    if let Some(t) = tls2 {
+        t2.set_tls(t);
+    }
+    let mut table = BTreeMap::new();
+    table.insert(1, t1.listen(localhost()).expect("listen"));
+    table.insert(2, t2.listen(localhost()).expect("listen"));
+    t1.set_peers(table.clone());
+    t2.set_peers(table);
+    (t1, t2, s1, s2)
+}
+
+#[test]
+fn nodes_with_their_certificates_exchange_messages() {
+    run("tls-ok", TEST_LIMIT, |_| async {
+        let ca = TestCa::new();
+        let trust = ca.trust();
+        let (t1, t2, s1, s2) = pair(Some(ca.node_tls(&trust, 1)), Some(ca.node_tls(&trust, 2)));
+        for c in 0..500 {
+            t1.send(0, vec![heartbeat(1, 2, c)]);
+            t2.send(1, vec![heartbeat(2, 1, c)]);
+        }
+        wait_until("both directions", || {
+            s1.borrow().len() == 500 && s2.borrow().len() == 500
+        })
+        .await;
+        let commits: Vec<u64> = s2.borrow().iter().map(|(_, _, m)| m.commit).collect();
+        assert_eq!(commits, (0..500).collect::<Vec<_>>());
+        for t in [&t1, &t2] {
+            assert_eq!(t.stats().tls_failures, 0);
+            assert_eq!(t.stats().handshake_failures_inbound, 0);
+        }
+        t1.close().await;
+        t2.close().await;
+    });
+}
+
+/// Node 2 sends to node 1 with `tls2`; node 1 (a proper certificate) must refuse it.
+fn refused_by_listener(name: &str, make: fn(&TestCa, &Trust) -> Option<NodeTls>) {
+    run(name, TEST_LIMIT, |_| async move {
+        let ca = TestCa::new();
+        let trust = ca.trust();
+        let (t1, t2, s1, _s2) = pair(Some(ca.node_tls(&trust, 1)), make(&ca, &trust));
+        for c in 0..50 {
+            t2.send(0, vec![heartbeat(2, 1, c)]);
+        }
+        wait_until("node 1 refuses node 2", || {
+            t1.stats().handshake_failures_inbound >= 2
+                && t2.stats().handshake_failures_outbound >= 2
+        })
+        .await;
+        assert!(s1.borrow().is_empty(), "a refused node delivered messages");
+        assert_eq!(t1.stats().received_batches, 0);
+        t1.close().await;
+        t2.close().await;
+    });
+}
+
+#[test]
+fn a_certificate_naming_another_raft_id_is_refused() {
+    // Node 2 proves raft id 2 in the HMAC handshake but presents n3's certificate.
+    refused_by_listener("tls-wrong-id", |ca, trust| Some(ca.node_tls(trust, 3)));
+}
+
+#[test]
+fn a_certificate_of_another_ca_is_refused() {
+    refused_by_listener("tls-other-ca", |_, _| {
+        let other = TestCa::new();
+        let trust = other.trust();
+        Some(other.node_tls(&trust, 2))
+    });
+}
+
+#[test]
+fn a_plaintext_node_cannot_reach_a_tls_node() {
+    refused_by_listener("tls-plain", |_, _| None);
+}
+
+#[test]
+fn the_listener_counts_the_wrong_name_as_a_tls_failure() {
+    run("tls-count", TEST_LIMIT, |_| async {
+        let ca = TestCa::new();
+        let trust = ca.trust();
+        let (t1, t2, s1, _) = pair(Some(ca.node_tls(&trust, 1)), Some(ca.node_tls(&trust, 7)));
+        t2.send(0, vec![heartbeat(2, 1, 1)]);
+        wait_until("a TLS failure on node 1", || t1.stats().tls_failures >= 1).await;
+        assert!(s1.borrow().is_empty());
+        t1.close().await;
+        t2.close().await;
+    });
+}
