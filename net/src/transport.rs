@@ -737,6 +737,18 @@ impl PeerTransport {
         loop {
             let header = reader.next(stream).await?;
             if std::mem::take(&mut first) && header.opcode == PEER_CONFIG_REQUEST {
+                // Over TLS only a joiner or a node (every node certificate carries the
+                // cluster name) is served the config: not a partition client's certificate.
+                if tls
+                    && !leaf.as_ref().is_some_and(|c| {
+                        cert_names(c, &joiner_name(&self.me.cluster_id))
+                            || cert_names(c, &crate::tls::cluster_name(&self.me.cluster_id))
+                    })
+                {
+                    return Err(ConnError::Tls(TlsFailure::WrongName {
+                        expected: joiner_name(&self.me.cluster_id),
+                    }));
+                }
                 let source = self.config.borrow().clone();
                 let served = crate::join::answer_config(
                     source,

@@ -161,3 +161,36 @@ fn the_listener_counts_the_wrong_name_as_a_tls_failure() {
         t2.close().await;
     });
 }
+
+#[test]
+fn a_removed_or_replaced_raft_id_is_refused_despite_its_valid_certificate() {
+    run("tls-removed", TEST_LIMIT, |_| async {
+        let ca = TestCa::new();
+        let trust = ca.trust();
+        // Node 1 knows only itself and node 2: raft id 3 was removed (or replaced by a new id).
+        let (t1, s1) = node(1, CLUSTER, KEY);
+        let (t3, _) = node(3, CLUSTER, KEY);
+        t1.set_tls(ca.node_tls(&trust, 1));
+        t3.set_tls(ca.node_tls(&trust, 3));
+        let a1 = t1.listen(localhost()).expect("listen");
+        let a3 = t3.listen(localhost()).expect("listen");
+        t1.set_peers(BTreeMap::from([(1, a1), (2, localhost())]));
+        t3.set_peers(BTreeMap::from([(1, a1), (3, a3)]));
+        for c in 0..20 {
+            t3.send(0, vec![heartbeat(3, 1, c)]);
+        }
+        wait_until("node 1 refuses raft id 3", || {
+            t1.stats().handshake_failures_inbound >= 2
+                && t3.stats().handshake_failures_outbound >= 2
+        })
+        .await;
+        assert!(s1.borrow().is_empty(), "a removed node delivered messages");
+        assert_eq!(
+            t1.stats().tls_failures,
+            0,
+            "refused for membership, not TLS"
+        );
+        t1.close().await;
+        t3.close().await;
+    });
+}

@@ -41,7 +41,7 @@ pub struct Conn {
     key: Option<PathBuf>,
     /// Name to verify in every node's certificate (e.g. the cluster name
     /// `<cluster id hex>.keyfort`); by default the IP address dialed.
-    #[arg(long)]
+    #[arg(long, env = "KEYFORT_SERVER_NAME")]
     server_name: Option<String>,
     /// Plaintext, without TLS: allowed only when every node is a loopback address
     /// (127.0.0.1, ::1), for a local test cluster.
@@ -115,6 +115,12 @@ pub enum PartitionCmd {
         partition: Option<String>,
         #[arg(long)]
         out: PathBuf,
+        /// Policy REQUIRE_CLIENT_CERT: the partition's clients must also connect over TLS with
+        /// a client certificate naming the partition (`keyfort tls issue-client --partition`);
+        /// their connections are otherwise refused `ClientCertRequired`, even with a valid
+        /// credential. Fixed at creation.
+        #[arg(long)]
+        require_client_cert: bool,
     },
     /// Issue another client credential of a partition (admin).
     Credential {
@@ -272,6 +278,7 @@ pub fn partition(cmd: PartitionCmd) -> crate::CmdResult {
             conn,
             partition,
             out,
+            require_client_cert,
         } => {
             let p = match partition {
                 Some(p) => parse_id(&p, "partition")?,
@@ -279,13 +286,18 @@ pub fn partition(cmd: PartitionCmd) -> crate::CmdResult {
             };
             let (lsn, cred) = conn
                 .client()?
-                .create_partition(p)
+                .create_partition_with(p, require_client_cert)
                 .map_err(|e| e.to_string())?;
             cred.write_file(&out)
                 .map_err(|e| format!("{}: {e}", out.display()))?;
             println!(
-                "partition {} created at lsn {lsn}; client credential written to {}",
+                "partition {} created at lsn {lsn}{}; client credential written to {}",
                 hex(&p),
+                if require_client_cert {
+                    " (clients need a certificate naming it: keyfort tls issue-client)"
+                } else {
+                    ""
+                },
                 out.display()
             );
             Ok(())

@@ -147,7 +147,7 @@ pub fn check_transport_security(cfg: &NodeConfig) -> Result<(), String> {
 /// Every address loopback, or an error naming the first that is not.
 pub fn check_loopback(addrs: impl IntoIterator<Item = SocketAddr>) -> Result<(), String> {
     for a in addrs {
-        if !a.ip().is_loopback() {
+        if !a.ip().to_canonical().is_loopback() {
             return Err(format!(
                 "insecure_loopback: {a} is not a loopback address (plaintext is refused off \
                  this machine; configure \"tls\")"

@@ -47,7 +47,8 @@ pub const NODE_CERT_DAYS: i64 = 30;
 pub const CLIENT_CERT_DAYS: i64 = 365;
 /// A new certificate is valid from this long before now, for clocks a little behind.
 pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(300);
-/// Life of a revocation list; `keyfort tls revoke` (or `tls crl`) makes a new one before then.
+/// Life written in a revocation list (its next update). Nodes do not enforce it (rustls's default:
+/// a stale list still revokes); `keyfort tls revoke` signs a new list each time it runs.
 pub const CRL_DAYS: i64 = 30;
 /// Most serials a revocation list holds.
 pub const MAX_REVOKED: usize = 100_000;
@@ -194,7 +195,9 @@ impl TlsDir {
         let t = TlsDir::open(dir)?;
         if t.cluster_id != *old && t.cluster_id != new {
             return Err(format!(
-                "{}: the TLS directory is of cluster {}, not of the restored cluster {}",
+                "{}: the TLS directory is of cluster {}, not of cluster {} (the one restored); \
+                 the restore itself is done: make a TLS directory for the new cluster with \
+                 `keyfort tls init`",
                 dir.display(),
                 hex(&t.cluster_id),
                 hex(old)
@@ -440,7 +443,11 @@ pub fn revoke(t: &TlsDir, session: CoreSession, serial: Vec<u8>) -> R<usize> {
         return Err(format!("more than {MAX_REVOKED} revoked serials"));
     }
     let ca = t.ca_in(session)?;
-    let pem = ca.crl(&serials, serials.len() as u64)?;
+    // CRL numbers must grow: the signing time in milliseconds does, across runs and machines.
+    let number = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let pem = ca.crl(&serials, number)?;
     let list: String = serials.iter().map(|s| format!("{}\n", hex(s))).collect();
     write_file(&list_path, list.as_bytes(), 0o644)?;
     write_file(&t.dir.join(CRL_FILE), pem.as_bytes(), 0o644)?;

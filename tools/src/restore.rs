@@ -175,6 +175,21 @@ fn run_restore(args: RestoreArgs) -> crate::CmdResult {
         Some(h) => Some(parse_cluster_id(h)?),
         None => None,
     };
+    // A TLS directory that cannot serve is refused before anything is restored.
+    if let Some(dir) = &args.tls_dir {
+        let t = crate::pki::TlsDir::open(dir)?;
+        if let Some(want) = &cluster_id {
+            if t.cluster_id != *want {
+                return Err(format!(
+                    "{}: the TLS directory is of cluster {}, not {}",
+                    dir.display(),
+                    hex(&t.cluster_id),
+                    hex(want)
+                ));
+            }
+        }
+        drop(t.ca_in(args.card.session_without_integrity_key()?)?);
+    }
     let r = restore(
         &store,
         args.manifest.as_deref(),

@@ -17,6 +17,18 @@ pub const PROBE_WAIT: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, clap::Subcommand)]
 pub enum TlsCmd {
+    /// Make a TLS directory (a new CA, in this card) for an existing cluster: one made before
+    /// TLS, or restored without `--tls-dir`. Clients and nodes then trust the new `ca.pem`.
+    Init {
+        #[command(flatten)]
+        card: CardAt,
+        /// The cluster config file (`cluster init --out`, or `<data dir>/cluster-config`).
+        #[arg(long)]
+        config: PathBuf,
+        /// The directory to make (must not hold a CA).
+        #[arg(long)]
+        tls_dir: PathBuf,
+    },
     /// Issue a client certificate naming a partition (`p-<id>.<cluster>`), signed in this card.
     IssueClient {
         #[command(flatten)]
@@ -39,6 +51,9 @@ pub enum TlsCmd {
         tls_dir: PathBuf,
         #[arg(long)]
         node_id: u64,
+        /// IP addresses the certificate names (repeat; default 127.0.0.1).
+        #[arg(long = "ip", default_value = "127.0.0.1")]
+        ips: Vec<std::net::IpAddr>,
         #[command(flatten)]
         out: IssueOut,
     },
@@ -94,6 +109,24 @@ pub struct IssueOut {
 
 pub fn run(cmd: TlsCmd) -> crate::CmdResult {
     match cmd {
+        TlsCmd::Init {
+            card,
+            config,
+            tls_dir,
+        } => {
+            let bytes = std::fs::read(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+            let cfg = keyfort_engine::cluster::ClusterConfig::decode(&bytes)
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+            let session = card.session_without_integrity_key()?;
+            TlsDir::create(&tls_dir, &session, cfg.cluster_id)?;
+            println!(
+                "TLS directory {} made for cluster {} (CA made in card {})",
+                tls_dir.display(),
+                crate::cluster_cmd::hex(&cfg.cluster_id),
+                card.label()
+            );
+            Ok(())
+        }
         TlsCmd::IssueClient {
             card,
             tls_dir,
@@ -107,16 +140,9 @@ pub fn run(cmd: TlsCmd) -> crate::CmdResult {
             card,
             tls_dir,
             node_id,
+            ips,
             out,
-        } => issue(
-            &card,
-            &tls_dir,
-            &Subject::Node {
-                node_id,
-                ips: vec![[127, 0, 0, 1].into()],
-            },
-            &out,
-        ),
+        } => issue(&card, &tls_dir, &Subject::Node { node_id, ips }, &out),
         TlsCmd::Revoke {
             card,
             tls_dir,
