@@ -12,6 +12,8 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 # Debian's etcd 3.4: bench/tests/etcd.rs and the side-by-side benchmark (scripts/vs-etcd.sh).
 [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
 [ -x /usr/bin/etcdctl ] || need_apt+=(etcd-client)
+# tcpdump: tools/tests/tls_capture.rs captures loopback traffic to show TLS hides plaintexts.
+command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
