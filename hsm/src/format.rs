@@ -14,6 +14,7 @@ pub const MAGIC_BLOB: &[u8; 4] = b"KFMB";
 pub const MAGIC_CONFIG: &[u8; 4] = b"KFPC";
 pub const MAGIC_INTEGRITY: &[u8; 4] = b"KFIK";
 pub const MAGIC_ENVELOPE: &[u8; 4] = b"KFEV";
+pub const MAGIC_POLICY: &[u8; 4] = b"KFPP";
 
 /// A partition id: 128 bits chosen by whoever creates the partition.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -230,6 +231,10 @@ impl MaskedBlob {
 /// A partition config: `"KFPC" ‖ format(1) ‖ partition(16) ‖ vendor fp(16) ‖ adapter fp(16) ‖
 /// masking(40) ‖ hmac(40) ‖ credential(40) ‖ backup(40) ‖ HMAC-SHA256(32)` = 245 bytes; the four
 /// keys are wrapped under the adapter KBK, the HMAC is made with the partition HMAC key.
+///
+/// It may be followed by a [`PolicyTrailer`] (38 bytes, 283 in all) carrying the partition's
+/// policy flags; without one the partition has no flags (configs made before policies, byte
+/// for byte).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartitionConfig {
     pub partition: PartitionId,
@@ -240,11 +245,17 @@ pub struct PartitionConfig {
     pub credential: [u8; WRAPPED_KEY_LEN],
     pub backup: [u8; WRAPPED_KEY_LEN],
     pub mac: [u8; MAC_LEN],
+    /// The policy trailer, when the config has one.
+    pub policy: Option<PolicyTrailer>,
 }
 
+/// The partition config without a policy trailer.
 pub const PARTITION_CONFIG_LEN: usize = 4 + 1 + 16 * 3 + WRAPPED_KEY_LEN * 4 + MAC_LEN;
+/// A partition config followed by its policy trailer.
+pub const PARTITION_CONFIG_WITH_POLICY_LEN: usize = PARTITION_CONFIG_LEN + POLICY_TRAILER_LEN;
 
 impl PartitionConfig {
+    /// The bytes the config HMAC covers (never the trailer).
     pub fn authenticated(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(PARTITION_CONFIG_LEN);
         b.extend_from_slice(MAGIC_CONFIG);
@@ -261,16 +272,37 @@ impl PartitionConfig {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = self.authenticated();
         b.extend_from_slice(&self.mac);
+        if let Some(t) = &self.policy {
+            b.extend_from_slice(&t.encode());
+        }
         b
     }
 
+    /// The policy the config states (no trailer: no flags). The trailer's MAC is checked by
+    /// the card at import, not here.
+    pub fn policy(&self) -> PartitionPolicy {
+        self.policy
+            .as_ref()
+            .map(PolicyTrailer::policy)
+            .unwrap_or_default()
+    }
+
+    /// Decodes a config of [`PARTITION_CONFIG_LEN`] or [`PARTITION_CONFIG_WITH_POLICY_LEN`]
+    /// bytes; anything else, a bad magic or version, or a trailer with unknown flag bits is
+    /// `Corrupt`.
     pub fn decode(b: &[u8]) -> Result<Self> {
-        if b.len() != PARTITION_CONFIG_LEN {
-            return Err(CardError::corrupt(
-                "partition config",
-                format!("length {}", b.len()),
-            ));
-        }
+        let policy = match b.len() {
+            PARTITION_CONFIG_LEN => None,
+            PARTITION_CONFIG_WITH_POLICY_LEN => {
+                Some(PolicyTrailer::decode(&b[PARTITION_CONFIG_LEN..])?)
+            }
+            n => {
+                return Err(CardError::corrupt(
+                    "partition config",
+                    format!("length {n}"),
+                ))
+            }
+        };
         if &b[0..4] != MAGIC_CONFIG || b[4] != FORMAT_VERSION {
             return Err(CardError::corrupt("partition config", "magic or version"));
         }
@@ -286,8 +318,114 @@ impl PartitionConfig {
             hmac: w(1),
             credential: w(2),
             backup: w(3),
-            mac: b[PARTITION_CONFIG_LEN - MAC_LEN..].try_into().unwrap(),
+            mac: b[PARTITION_CONFIG_LEN - MAC_LEN..PARTITION_CONFIG_LEN]
+                .try_into()
+                .unwrap(),
+            policy,
         })
+    }
+}
+
+/// Partition policy flag bits (the trailer's `flags` byte). Stable values.
+pub mod policy_flags {
+    /// Clients of the partition must present a TLS client certificate naming it
+    /// (`p-<partition hex>.<cluster hex>.keyfort`) besides their credential.
+    pub const REQUIRE_CLIENT_CERT: u8 = 1 << 0;
+    /// Every bit defined; any other is refused.
+    pub const KNOWN: u8 = REQUIRE_CLIENT_CERT;
+}
+
+/// Format version of the policy trailer.
+pub const POLICY_FORMAT_VERSION: u8 = 1;
+/// `"KFPP" ‖ format(1) ‖ flags(1) ‖ HMAC-SHA256(32)`.
+pub const POLICY_TRAILER_LEN: usize = 4 + 1 + 1 + MAC_LEN;
+
+/// What a partition's policy asks of its clients. The default is no flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PartitionPolicy {
+    /// [`policy_flags::REQUIRE_CLIENT_CERT`].
+    pub require_client_cert: bool,
+}
+
+impl PartitionPolicy {
+    pub fn flags(&self) -> u8 {
+        if self.require_client_cert {
+            policy_flags::REQUIRE_CLIENT_CERT
+        } else {
+            0
+        }
+    }
+
+    /// The policy of a flags byte; unknown bits are `Corrupt`.
+    pub fn from_flags(flags: u8) -> Result<Self> {
+        if flags & !policy_flags::KNOWN != 0 {
+            return Err(CardError::corrupt(
+                "partition policy",
+                format!("unknown flag bits {:#04x}", flags & !policy_flags::KNOWN),
+            ));
+        }
+        Ok(PartitionPolicy {
+            require_client_cert: flags & policy_flags::REQUIRE_CLIENT_CERT != 0,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flags() == 0
+    }
+}
+
+/// The policy trailer of a partition config: `"KFPP" ‖ format(1) ‖ flags(1) ‖
+/// HMAC-SHA256(32)` = 38 bytes. The HMAC, made in the card with the partition HMAC key, covers
+/// `config HMAC(32) ‖ "KFPP" ‖ format(1) ‖ flags(1)`: the trailer belongs to that one config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyTrailer {
+    pub flags: u8,
+    pub mac: [u8; MAC_LEN],
+}
+
+impl PolicyTrailer {
+    /// The bytes the trailer HMAC covers.
+    pub fn authenticated(config_mac: &[u8; MAC_LEN], flags: u8) -> Vec<u8> {
+        let mut b = Vec::with_capacity(MAC_LEN + 6);
+        b.extend_from_slice(config_mac);
+        b.extend_from_slice(MAGIC_POLICY);
+        b.push(POLICY_FORMAT_VERSION);
+        b.push(flags);
+        b
+    }
+
+    pub fn encode(&self) -> [u8; POLICY_TRAILER_LEN] {
+        let mut b = [0u8; POLICY_TRAILER_LEN];
+        b[0..4].copy_from_slice(MAGIC_POLICY);
+        b[4] = POLICY_FORMAT_VERSION;
+        b[5] = self.flags;
+        b[6..].copy_from_slice(&self.mac);
+        b
+    }
+
+    /// Length, magic, version and flag bits; the MAC is the card's to check.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        if b.len() != POLICY_TRAILER_LEN {
+            return Err(CardError::corrupt(
+                "partition policy",
+                format!("length {}", b.len()),
+            ));
+        }
+        if &b[0..4] != MAGIC_POLICY || b[4] != POLICY_FORMAT_VERSION {
+            return Err(CardError::corrupt("partition policy", "magic or version"));
+        }
+        PartitionPolicy::from_flags(b[5])?;
+        Ok(PolicyTrailer {
+            flags: b[5],
+            mac: b[6..].try_into().unwrap(),
+        })
+    }
+
+    pub fn policy(&self) -> PartitionPolicy {
+        // Known bits only: decode refused any other.
+        PartitionPolicy {
+            require_client_cert: self.flags & policy_flags::REQUIRE_CLIENT_CERT != 0,
+        }
     }
 }
 

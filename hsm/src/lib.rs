@@ -28,7 +28,7 @@ pub use ceremony::{init_card, CeremonyKit};
 pub use error::{CardError, Fingerprint, Result};
 pub use format::{
     Algorithm, KeyHeader, KeyId, KeyKind, KeyRef, MaskedBlob, PartitionConfig, PartitionId,
-    WrappedUnder,
+    PartitionPolicy, PolicyTrailer, WrappedUnder,
 };
 pub use hsm::{Hsm, SOFTHSM_MODULE};
 pub use ops::{client_answer, CreatedKey};

@@ -3,19 +3,23 @@
 
 use crate::card::CoreSession;
 use crate::error::{CardError, Result};
-use crate::format::{PartitionConfig, PartitionId, WRAPPED_KEY_LEN};
+use crate::format::{
+    PartitionConfig, PartitionId, PartitionPolicy, PolicyTrailer, WRAPPED_KEY_LEN,
+};
 use crate::raw;
 use crate::templates::{partition_key_generate, partition_key_load, PartitionKeyUse};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
 
-/// The four session objects of a loaded partition.
+/// The four session objects of a loaded partition, and the policy its config stated (its
+/// trailer verified in the card).
 #[derive(Debug, Clone, Copy)]
 pub struct PartitionKeys {
     pub masking: ObjectHandle,
     pub hmac: ObjectHandle,
     pub credential: ObjectHandle,
     pub backup: ObjectHandle,
+    pub policy: PartitionPolicy,
 }
 
 impl PartitionKeys {
@@ -28,7 +32,19 @@ impl CoreSession {
     /// Makes a partition's masking, HMAC, credential and backup keys in this card and returns the
     /// partition config (docs/format.md §2.3). The born keys are destroyed and the partition is
     /// loaded from the config, so the creating card holds exactly what every other card holds.
+    /// No policy flags: the 245-byte config, no trailer.
     pub fn create_partition(&mut self, partition: PartitionId) -> Result<Vec<u8>> {
+        self.create_partition_with(partition, PartitionPolicy::default())
+    }
+
+    /// [`Self::create_partition`] with a policy: a policy with flags is stated in a trailer
+    /// after the config, its HMAC made here with the partition HMAC key over the config's HMAC
+    /// and the flags (docs/format.md §2.3); a policy without flags makes no trailer.
+    pub fn create_partition_with(
+        &mut self,
+        partition: PartitionId,
+        policy: PartitionPolicy,
+    ) -> Result<Vec<u8>> {
         let specs = [
             (true, PartitionKeyUse::Wrap),
             (false, PartitionKeyUse::Mac),
@@ -59,8 +75,16 @@ impl CoreSession {
                 credential: wrapped[2],
                 backup: wrapped[3],
                 mac: [0; 32],
+                policy: None,
             };
             config.mac = self.sign(born[1], &config.authenticated())?;
+            if !policy.is_empty() {
+                let flags = policy.flags();
+                config.policy = Some(PolicyTrailer {
+                    flags,
+                    mac: self.sign(born[1], &PolicyTrailer::authenticated(&config.mac, flags))?,
+                });
+            }
             Ok(config.encode())
         })();
         for h in born {
@@ -136,8 +160,10 @@ impl CoreSession {
         })
     }
 
-    /// Imports a partition config: refuses another vendor or realm (`WrongVendor`/`WrongRealm`),
-    /// a tampered config (`BadMac`/`Corrupt`). Re-importing replaces the loaded objects.
+    /// Imports a partition config (245 bytes, or 283 with a policy trailer): refuses another
+    /// vendor or realm (`WrongVendor`/`WrongRealm`), a tampered config or trailer
+    /// (`BadMac`/`Corrupt`), unknown policy flags (`Corrupt`). Re-importing replaces the loaded
+    /// objects. The policy is kept with the partition ([`Self::partition_policy`]).
     pub fn import_partition(&mut self, config: &[u8]) -> Result<PartitionId> {
         let c = PartitionConfig::decode(config)?;
         self.check_realm("partition config", c.vendor, c.adapter)?;
@@ -152,6 +178,15 @@ impl CoreSession {
         let mut loaded = vec![hmac];
         let result = (|| -> Result<PartitionKeys> {
             self.verify_mac(hmac, &c.authenticated(), &c.mac, "partition config", ctx)?;
+            if let Some(t) = &c.policy {
+                self.verify_mac(
+                    hmac,
+                    &PolicyTrailer::authenticated(&c.mac, t.flags),
+                    &t.mac,
+                    "partition policy",
+                    ctx,
+                )?;
+            }
             let mut next = |w: &[u8; WRAPPED_KEY_LEN], aes, usage| -> Result<ObjectHandle> {
                 let h = self.load_under_adapter(w, aes, usage, "partition config", &ctx)?;
                 loaded.push(h);
@@ -162,6 +197,7 @@ impl CoreSession {
                 hmac,
                 credential: next(&c.credential, true, PartitionKeyUse::Derive)?,
                 backup: next(&c.backup, true, PartitionKeyUse::Wrap)?,
+                policy: c.policy(),
             })
         })();
         let keys = match result {
@@ -191,6 +227,11 @@ impl CoreSession {
                 self.destroy(h);
             }
         }
+    }
+
+    /// The policy of a loaded partition (its trailer verified at import); `None`: not loaded.
+    pub fn partition_policy(&self, partition: &PartitionId) -> Option<PartitionPolicy> {
+        self.partitions.get(partition).map(|k| k.policy)
     }
 
     pub fn partition_loaded(&self, partition: &PartitionId) -> bool {

@@ -1351,7 +1351,7 @@ impl Client {
     /// named one for partition administration); `None` for requests of no partition.
     fn shard_of_request(&self, req: &Request) -> Option<u32> {
         let partition = match req {
-            Request::PartitionCreate { partition }
+            Request::PartitionCreate { partition, .. }
             | Request::PartitionDelete { partition }
             | Request::CredentialIssue { partition } => *partition,
             Request::Hello { .. }
@@ -1637,7 +1637,23 @@ impl Client {
 
     /// Creates a partition (admin): its log position and its first client's credential.
     pub fn create_partition(&self, partition: [u8; 16]) -> Result<(u64, Credential), ClientError> {
-        match self.call(&Request::PartitionCreate { partition })? {
+        self.create_partition_with(partition, false)
+    }
+
+    /// [`Client::create_partition`] with its policy: `require_client_cert` — its clients must
+    /// also present a TLS client certificate naming the partition (`keyfort tls issue-client`),
+    /// else their connections are refused `ClientCertRequired`.
+    pub fn create_partition_with(
+        &self,
+        partition: [u8; 16],
+        require_client_cert: bool,
+    ) -> Result<(u64, Credential), ClientError> {
+        let flags = if require_client_cert {
+            crate::client_proto::partition_flags::REQUIRE_CLIENT_CERT
+        } else {
+            0
+        };
+        match self.call(&Request::PartitionCreate { partition, flags })? {
             Response::PartitionCreated {
                 lsn,
                 client_id,

@@ -215,6 +215,16 @@ pub mod create_flags {
     pub const KNOWN: u8 = BACKUP | DISABLED;
 }
 
+/// Flag bits of [`Request::PartitionCreate`] (the partition's policy, kept in its config by
+/// the card: `keyfort_hsm::format::policy_flags`, same values).
+pub mod partition_flags {
+    /// The partition's clients must also present a TLS client certificate (of the cluster CA)
+    /// naming the partition (`p-<partition hex>.<cluster hex>.keyfort`); a connection without
+    /// one is refused [`super::ErrorCode::ClientCertRequired`] after its proof.
+    pub const REQUIRE_CLIENT_CERT: u8 = 1 << 0;
+    pub const KNOWN: u8 = REQUIRE_CLIENT_CERT;
+}
+
 /// A client request (the payload of a request frame with the opcode [`Request::opcode`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -227,8 +237,11 @@ pub enum Request {
         response: [u8; RESPONSE_LEN],
     },
     Route,
+    /// `partition(16) [‖ flags u8]`: the flags byte ([`partition_flags`]) is present only when
+    /// non-zero, so a create without flags is the 16 bytes it always was.
     PartitionCreate {
         partition: [u8; 16],
+        flags: u8,
     },
     PartitionDelete {
         partition: [u8; 16],
@@ -454,10 +467,15 @@ pub enum ErrorCode {
     UnsupportedVersion = 20,
     /// The node is shutting down: retry on another.
     ShuttingDown = 21,
+    /// The partition's policy requires a TLS client certificate naming it
+    /// (`p-<partition hex>.<cluster hex>.keyfort`, `keyfort tls issue-client`), and the
+    /// connection presented none (or plaintext, or one naming something else). The answer to
+    /// the proof; not retryable.
+    ClientCertRequired = 22,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
@@ -479,6 +497,7 @@ impl ErrorCode {
         ErrorCode::BadEnvelope,
         ErrorCode::UnsupportedVersion,
         ErrorCode::ShuttingDown,
+        ErrorCode::ClientCertRequired,
     ];
 
     pub fn from_u16(v: u16) -> Option<ErrorCode> {
@@ -687,9 +706,15 @@ impl Request {
             }
             Request::Proof { response } => b.extend_from_slice(response),
             Request::Route | Request::ClusterStatus => {}
-            Request::PartitionCreate { partition }
-            | Request::PartitionDelete { partition }
-            | Request::CredentialIssue { partition } => b.extend_from_slice(partition),
+            Request::PartitionCreate { partition, flags } => {
+                b.extend_from_slice(partition);
+                if *flags != 0 {
+                    b.push(*flags);
+                }
+            }
+            Request::PartitionDelete { partition } | Request::CredentialIssue { partition } => {
+                b.extend_from_slice(partition)
+            }
             Request::KeyCreate {
                 idempotency_id,
                 flags,
@@ -806,7 +831,27 @@ impl Request {
             op::ROUTE => whole(payload, "route", |_| Ok(Request::Route)),
             op::CLUSTER_STATUS => whole(payload, "cluster status", |_| Ok(Request::ClusterStatus)),
             op::PARTITION_CREATE => whole(payload, "partition create", |r| {
-                Ok(Request::PartitionCreate { partition: id(r)? })
+                let partition = id(r)?;
+                let flags = match r.remaining() {
+                    0 => 0,
+                    _ => match u8_(r)? {
+                        // One encoding per request: no flags is no byte.
+                        0 => {
+                            return Err(ProtoError::Malformed {
+                                what: "partition create",
+                                detail: "a flags byte of 0 (leave it out)",
+                            })
+                        }
+                        f if f & !partition_flags::KNOWN != 0 => {
+                            return Err(ProtoError::Malformed {
+                                what: "partition create",
+                                detail: "unknown flag bits",
+                            })
+                        }
+                        f => f,
+                    },
+                };
+                Ok(Request::PartitionCreate { partition, flags })
             }),
             op::PARTITION_DELETE => whole(payload, "partition delete", |r| {
                 Ok(Request::PartitionDelete { partition: id(r)? })

@@ -67,7 +67,8 @@ fn arb_request(s: Size) -> impl Strategy<Value = Request> {
         }),
         any::<[u8; RESPONSE_LEN]>().prop_map(|response| Request::Proof { response }),
         Just(Request::Route),
-        arb_id().prop_map(|partition| Request::PartitionCreate { partition }),
+        (arb_id(), 0..=partition_flags::KNOWN)
+            .prop_map(|(partition, flags)| Request::PartitionCreate { partition, flags }),
         arb_id().prop_map(|partition| Request::PartitionDelete { partition }),
         arb_id().prop_map(|partition| Request::CredentialIssue { partition }),
         Just(Request::ClusterStatus),
@@ -410,16 +411,28 @@ proptest! {
 
     #[test]
     fn request_prefixes_and_trailing_bytes_refused(q in arb_request(Size::Small), extra: u8) {
+        // A partition create's flags byte is optional (absent = no flags): its 16-byte prefix
+        // is the same create without flags, and one byte after a create without flags is a
+        // flags byte (`partition_create_flags_byte` covers both).
+        let create_flags = match q {
+            Request::PartitionCreate { flags, .. } => Some(flags),
+            _ => None,
+        };
         let b = q.encode();
         for n in 0..b.len() {
+            if create_flags.is_some() && n == 16 {
+                continue;
+            }
             match Request::decode(q.opcode(), &b[..n]) {
                 Ok(m) => panic!("prefix of {n} bytes decoded as {m:?}"),
                 Err(e) => assert_prefix_refused(q.opcode(), n, &e),
             }
         }
-        let mut long = b.clone();
-        long.push(extra);
-        assert_trailing(Request::decode(q.opcode(), &long));
+        if create_flags != Some(0) {
+            let mut long = b.clone();
+            long.push(extra);
+            assert_trailing(Request::decode(q.opcode(), &long));
+        }
     }
 
     #[test]
@@ -489,6 +502,42 @@ proptest! {
             Response::decode(opcode, &payload),
             Err(ProtoError::UnknownOpcode(opcode))
         );
+    }
+
+    /// `partition(16) [‖ flags u8]`: 16 bytes is a create without flags; a 17th byte is a
+    /// non-zero flags byte of known bits (0 is refused: one encoding per request; unknown bits
+    /// are refused); an 18th is trailing.
+    #[test]
+    fn partition_create_flags_byte(partition in arb_id(), flags: u8, extra: u8) {
+        let plain = Request::PartitionCreate { partition, flags: 0 };
+        prop_assert_eq!(plain.encode(), partition.to_vec());
+        prop_assert_eq!(req(&plain), Ok(plain.clone()));
+        let mut b = partition.to_vec();
+        b.push(flags);
+        let got = Request::decode(op::PARTITION_CREATE, &b);
+        if flags == 0 {
+            prop_assert_eq!(
+                got,
+                Err(ProtoError::Malformed {
+                    what: "partition create",
+                    detail: "a flags byte of 0 (leave it out)",
+                })
+            );
+        } else if flags & !partition_flags::KNOWN != 0 {
+            prop_assert_eq!(
+                got,
+                Err(ProtoError::Malformed {
+                    what: "partition create",
+                    detail: "unknown flag bits",
+                })
+            );
+        } else {
+            let q = Request::PartitionCreate { partition, flags };
+            prop_assert_eq!(&got, &Ok(q.clone()));
+            prop_assert_eq!(q.encode(), b.clone());
+            b.push(extra);
+            assert_trailing(Request::decode(op::PARTITION_CREATE, &b));
+        }
     }
 
     #[test]
@@ -935,7 +984,7 @@ fn error_reply_limits() {
         })
     );
     // Unknown codes.
-    for code in [0u16, 22, 23, 0x100, u16::MAX] {
+    for code in [0u16, 23, 24, 0x100, u16::MAX] {
         let mut b = ErrorReply::new(ErrorCode::NotFound, "").encode();
         b[..2].copy_from_slice(&code.to_le_bytes());
         assert_eq!(
@@ -981,7 +1030,7 @@ fn error_code_from_u16() {
         assert_eq!(ErrorCode::from_u16(code as u16), Some(code));
     }
     assert_eq!(ErrorCode::from_u16(0), None);
-    for v in 22..=u16::MAX {
+    for v in 23..=u16::MAX {
         assert_eq!(ErrorCode::from_u16(v), None, "{v}");
     }
 }
@@ -1012,6 +1061,7 @@ fn error_codes_pinned() {
         (BadEnvelope, 19, false),
         (UnsupportedVersion, 20, false),
         (ShuttingDown, 21, true),
+        (ClientCertRequired, 22, false),
     ];
     assert_eq!(table.len(), ErrorCode::ALL.len());
     for ((code, n, retryable), listed) in table.into_iter().zip(ErrorCode::ALL) {
@@ -1072,6 +1122,8 @@ fn constants_pinned() {
     assert_eq!(create_flags::BACKUP, 1);
     assert_eq!(create_flags::DISABLED, 2);
     assert_eq!(create_flags::KNOWN, 3);
+    assert_eq!(partition_flags::REQUIRE_CLIENT_CERT, 1);
+    assert_eq!(partition_flags::KNOWN, 1);
     assert_eq!(KeyStateCode::Enabled as u8, 1);
     assert_eq!(KeyStateCode::Disabled as u8, 2);
 }
@@ -1103,11 +1155,26 @@ fn proof_context_layout() {
 #[test]
 fn fixed_sizes() {
     let id = [1u8; 16];
-    let sizes: [(Vec<u8>, usize); 14] = [
+    let sizes: [(Vec<u8>, usize); 15] = [
         (Request::Proof { response: [0; 32] }.encode(), 32),
         (Request::Route.encode(), 0),
         (Request::ClusterStatus.encode(), 0),
-        (Request::PartitionCreate { partition: id }.encode(), 16),
+        (
+            Request::PartitionCreate {
+                partition: id,
+                flags: 0,
+            }
+            .encode(),
+            16,
+        ),
+        (
+            Request::PartitionCreate {
+                partition: id,
+                flags: partition_flags::REQUIRE_CLIENT_CERT,
+            }
+            .encode(),
+            17,
+        ),
         (
             Request::KeyRotate {
                 idempotency_id: id,
@@ -1173,7 +1240,10 @@ fn fixed_sizes() {
 fn request_opcodes_and_writes() {
     let id = [1u8; 16];
     let writes = [
-        Request::PartitionCreate { partition: id },
+        Request::PartitionCreate {
+            partition: id,
+            flags: 0,
+        },
         Request::PartitionDelete { partition: id },
         Request::KeyCreate {
             idempotency_id: id,

@@ -16,14 +16,16 @@ use keyfort_engine::raft::{Committed, ProposeError, Replica, ReplicaError};
 use keyfort_engine::state::{IdempotencyId, KeyEntry, KeyPut, KeyState, Op, OutcomeCode, PutOp};
 use keyfort_hsm::format::Envelope;
 use keyfort_hsm::{
-    CardError, CoreSession, KeyHeader, KeyId, MaskedBlob, PartitionId, WrappedUnder,
+    CardError, CoreSession, KeyHeader, KeyId, MaskedBlob, PartitionId, PartitionPolicy,
+    WrappedUnder,
 };
 use keyfort_net::client_proto::{
-    create_flags, ErrorCode, ErrorReply, KeyWritten, Request, Response, Scope, ShardStatus,
-    VersionInfo, ADMIN_CREDENTIAL_DOMAIN, CHALLENGE_LEN, CLIENT_MAX_FRAME_PAYLOAD,
+    create_flags, partition_flags, ErrorCode, ErrorReply, KeyWritten, Request, Response, Scope,
+    ShardStatus, VersionInfo, ADMIN_CREDENTIAL_DOMAIN, CHALLENGE_LEN, CLIENT_MAX_FRAME_PAYLOAD,
     MAX_DESCRIBE_VERSIONS,
 };
 use keyfort_net::server::ClientService;
+use rustls_pki_types::CertificateDer;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
@@ -293,8 +295,11 @@ impl Service {
                 Err(err(ErrorCode::Retry, "the node is still starting"))
             }
             (Scope::Admin, Request::ClusterStatus) => Ok(self.status()),
-            (Scope::Admin, Request::PartitionCreate { partition }) => {
-                self.partition_create(PartitionId(partition)).await
+            (Scope::Admin, Request::PartitionCreate { partition, flags }) => {
+                let policy = PartitionPolicy {
+                    require_client_cert: flags & partition_flags::REQUIRE_CLIENT_CERT != 0,
+                };
+                self.partition_create(PartitionId(partition), policy).await
             }
             (Scope::Admin, Request::PartitionDelete { partition }) => {
                 let p = PartitionId(partition);
@@ -343,12 +348,14 @@ impl Service {
         Ok((client_id, credential))
     }
 
-    async fn partition_create(&self, p: PartitionId) -> Answer {
+    /// A policy with flags is stated in the config's trailer, made in the card (docs/format.md
+    /// §2.3); without flags the config is the 245 bytes it always was.
+    async fn partition_create(&self, p: PartitionId, policy: PartitionPolicy) -> Answer {
         let r = self.replica_of(&p)?;
         let config = self
             .card
             .borrow_mut()
-            .create_partition(p)
+            .create_partition_with(p, policy)
             .map_err(card_err)?;
         // The creating session now holds this try's keys; what commits may be another try's
         // (a retry, a race): the session reloads the partition from the state when used.
@@ -766,6 +773,47 @@ impl ClientService for Service {
         req: Request,
     ) -> Pin<Box<dyn Future<Output = Result<Response, ErrorReply>>>> {
         Box::pin(self.run(scope, req))
+    }
+
+    /// A partition whose policy requires a client certificate (its config's trailer, checked
+    /// in the card at import) admits a connection only with a certificate naming
+    /// `p-<partition>.<cluster>.keyfort`: rustls verified its chain against the cluster CA (and
+    /// its CRL) in the handshake, the name is checked here. No certificate, another name, or
+    /// plaintext (insecure loopback) is `ClientCertRequired`. Admin connections and partitions
+    /// without the flag: any.
+    fn check_client_cert(
+        &self,
+        scope: &Scope,
+        cert: Option<&CertificateDer<'static>>,
+    ) -> Result<(), ErrorReply> {
+        let Scope::Partition(p) = scope else {
+            return Ok(());
+        };
+        let pid = PartitionId(*p);
+        // verify_proof loaded the partition just before; loaded again here should the state
+        // have changed since (fails closed: no policy known, no connection).
+        let r = self.replica_of(&pid)?;
+        self.ensure_partition(&r, &pid)?;
+        let policy = self.card.borrow().partition_policy(&pid).ok_or_else(|| {
+            err(
+                ErrorCode::Internal,
+                format!("partition {pid} is not loaded on this node"),
+            )
+        })?;
+        if !policy.require_client_cert {
+            return Ok(());
+        }
+        let name = keyfort_net::tls::partition_name(&self.cluster_id, p);
+        if cert.is_some_and(|c| keyfort_net::tls::cert_names(c, &name)) {
+            return Ok(());
+        }
+        Err(err(
+            ErrorCode::ClientCertRequired,
+            format!(
+                "partition {pid} requires a client certificate naming {name} (keyfort tls \
+                 issue-client)"
+            ),
+        ))
     }
 
     fn shutting_down(&self) -> bool {

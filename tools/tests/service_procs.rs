@@ -1176,6 +1176,7 @@ fn bad_clients_get_typed_errors_and_do_not_disturb_others() {
     for req in [
         Request::PartitionCreate {
             partition: rand::random(),
+            flags: 0,
         },
         Request::PartitionDelete { partition: pb },
         Request::CredentialIssue { partition: pa },
@@ -1522,8 +1523,13 @@ fn a_partition_created_again_under_its_id_is_served_with_its_new_keys_everywhere
     admin.delete_partition(p).unwrap();
     let leader = c.leader(shard_of(&PartitionId(p), SHARDS)).unwrap_or(0);
     let other = (leader + 1) % nodes;
-    let (client_id, secret) = match admin.call_on(other, &Request::PartitionCreate { partition: p })
-    {
+    let (client_id, secret) = match admin.call_on(
+        other,
+        &Request::PartitionCreate {
+            partition: p,
+            flags: 0,
+        },
+    ) {
         Ok(Response::PartitionCreated {
             client_id,
             credential,

@@ -24,7 +24,7 @@ use xxhash_rust::xxh3::xxh3_128;
 pub const BLOB_BYTES_MAX: usize = 512;
 /// Largest client metadata per key version: labels and descriptions, not data.
 pub const METADATA_BYTES_MAX: usize = 1024;
-/// Largest partition config (245 bytes today, §2.3).
+/// Largest partition config (245 bytes, 283 with a policy trailer, §2.3).
 pub const PARTITION_CONFIG_BYTES_MAX: usize = 4096;
 /// Largest cluster config record.
 pub const CLUSTER_CONFIG_BYTES_MAX: usize = 16 * 1024;
