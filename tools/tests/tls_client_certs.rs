@@ -230,6 +230,23 @@ fn a_partition_requiring_client_certs_admits_only_its_certificate() {
             .unwrap_or_else(|e| panic!("A with A's certificate on node {}: {e}", i + 1));
     }
 
+    // A resumed TLS session still carries A's certificate: the second connection of one
+    // ClientTls resumes and is admitted under the policy.
+    let shared = with(&a_cert, &a_key);
+    let addr = c.client_addrs()[0];
+    let first = Connection::open(addr, &a_cred, &shared).expect("A, first connection");
+    let second = Connection::open(addr, &a_cred, &shared).expect("A, resumed connection");
+    assert!(second.resumed(), "the second connection did not resume");
+    drop((first, second));
+    // ...and a resumed session without a certificate is still refused.
+    let bare = opts(server_only.clone());
+    let _ = Connection::open(addr, &b_cred, &bare).expect("B, first connection");
+    assert_cert_required(
+        Connection::open(addr, &a_cred, &bare),
+        &a,
+        "A's credential on a resumed session without a certificate",
+    );
+
     // --- B: no flags, so no certificate needed (and any certificate of the CA is fine).
     let client_b = connect(&c, &b_cred, &opts(server_only.clone())).expect("B without a cert");
     let kb = client_b
