@@ -16,12 +16,18 @@
 //! did, it is refused with `UnknownKey`. A key's operations go to its own partition's
 //! connections, whatever connection the generator chose (that choice spreads them over the
 //! partition's connections).
+//!
+//! TLS: [`KeyfortTarget::connect_with`] takes the cluster's [`ClientTls`] (one rustls config
+//! shared by every connection, so sessions resume across them); [`KeyfortTarget::connect`] is
+//! plaintext (loopback only). The target opens its connections once, in `connect`, and never
+//! again: every request of every run rides on them, so there is no handshake per request.
+//! [`KeyfortTarget::handshakes`] counts the connections opened and how many resumed a session.
 
 use crate::loadgen::{error_name, wait_answer};
 use crate::target::{Op, Target, Ticket};
 use keyfort_engine::cluster::shard_of;
 use keyfort_hsm::PartitionId;
-use keyfort_net::client::{ClientError, ClientOptions, Connection, Credential, Pending};
+use keyfort_net::client::{ClientError, ClientOptions, ClientTls, Connection, Credential, Pending};
 use keyfort_net::client_proto::{Request, Response, Scope};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -61,12 +67,44 @@ impl Default for KeyfortOptions {
     }
 }
 
-/// The client options of the target's connections.
+/// The client options of the target's connections: plaintext (loopback only).
 pub fn client_options() -> ClientOptions {
+    client_options_with(None)
+}
+
+/// The client options of the target's connections, TLS with `tls` (`None`: plaintext).
+pub fn client_options_with(tls: Option<ClientTls>) -> ClientOptions {
     ClientOptions {
         request_timeout: CALL_TIMEOUT,
         max_in_flight: CONN_MAX_IN_FLIGHT,
+        tls,
         ..ClientOptions::default()
+    }
+}
+
+/// The connections a [`KeyfortTarget`] opened in `connect` (the leader probes included), and
+/// what their handshakes were.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Handshakes {
+    /// Connections opened (each one TCP connect + authentication; TLS: one handshake).
+    pub opened: u64,
+    /// Of those, TLS connections.
+    pub tls: u64,
+    /// Of the TLS ones, sessions resumed from an earlier connection's (no certificate
+    /// exchange); the rest made a full handshake.
+    pub resumed: u64,
+}
+
+impl Handshakes {
+    fn count(&mut self, c: &Connection) {
+        self.opened += 1;
+        self.tls += u64::from(c.is_tls());
+        self.resumed += u64::from(c.resumed());
+    }
+
+    /// TLS handshakes that were full (not resumed).
+    pub fn full(&self) -> u64 {
+        self.tls - self.resumed
     }
 }
 
@@ -94,6 +132,7 @@ pub struct KeyfortTarget {
     plaintext: Vec<u8>,
     preloaded: RwLock<Vec<Preloaded>>,
     created: Created,
+    handshakes: Handshakes,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -128,16 +167,28 @@ fn leader_of(probes: &[Connection], partition: [u8; 16]) -> Result<(usize, u32),
 impl KeyfortTarget {
     /// Connects to the cluster whose nodes listen at `addrs` with one partition credential
     /// per partition to load: each partition's connections go to its shard's leader
-    /// (`Route`; the first address when the leader is not among `addrs`).
+    /// (`Route`; the first address when the leader is not among `addrs`). Plaintext
+    /// ([`Self::connect_with`] for TLS).
     pub fn connect(
         addrs: &[SocketAddr],
         creds: &[Credential],
         opts: &KeyfortOptions,
     ) -> Result<KeyfortTarget, String> {
+        Self::connect_with(addrs, creds, opts, None)
+    }
+
+    /// [`Self::connect`] over TLS with `tls` (`None`: plaintext, loopback only).
+    pub fn connect_with(
+        addrs: &[SocketAddr],
+        creds: &[Credential],
+        opts: &KeyfortOptions,
+        tls: Option<ClientTls>,
+    ) -> Result<KeyfortTarget, String> {
         if addrs.is_empty() || creds.is_empty() {
             return Err("a keyfort target needs node addresses and a partition credential".into());
         }
-        let copts = client_options();
+        let copts = client_options_with(tls);
+        let mut handshakes = Handshakes::default();
         let mut parts = Vec::new();
         for cred in creds {
             let Scope::Partition(p) = cred.scope else {
@@ -148,6 +199,7 @@ impl KeyfortTarget {
                 .map(|&a| Connection::open(a, cred, &copts))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("connect: {e}"))?;
+            probes.iter().for_each(|c| handshakes.count(c));
             let (node, _shard) = leader_of(&probes, p)?;
             parts.push((addrs[node], cred));
         }
@@ -158,6 +210,7 @@ impl KeyfortTarget {
             let p = c % parts.len();
             let (addr, cred) = parts[p];
             let conn = Connection::open(addr, cred, &copts).map_err(|e| format!("{addr}: {e}"))?;
+            handshakes.count(&conn);
             conns.push((p, conns_of[p].len()));
             conns_of[p].push(Arc::new(conn));
         }
@@ -167,7 +220,23 @@ impl KeyfortTarget {
             plaintext: vec![0x5a; opts.value_size],
             preloaded: RwLock::new(Vec::new()),
             created: Arc::default(),
+            handshakes,
         })
+    }
+
+    /// The connections `connect` opened and their handshakes (the target opens no other).
+    pub fn handshakes(&self) -> Handshakes {
+        self.handshakes
+    }
+
+    /// Of the connections the runs use, how many are closed now (a closed one is never
+    /// reopened: its requests fail with `Closed`).
+    pub fn closed_connections(&self) -> usize {
+        self.parts
+            .iter()
+            .flatten()
+            .filter(|c| c.is_closed())
+            .count()
     }
 
     /// Partitions loaded.
@@ -373,7 +442,8 @@ const LOCAL_STATUS_MS: u64 = 50;
 /// shards and raft tick `tick_ms` in `dir` (removed first), waits for every shard's leader,
 /// and creates one partition on each shard through an admin client; returns the cluster
 /// (stopped when dropped) and the partitions' credentials, ready for
-/// [`KeyfortTarget::connect`] to its `client_addrs()`.
+/// [`KeyfortTarget::connect`] to its `client_addrs()`. Plaintext on loopback
+/// ([`start_local_cluster_with`] for TLS).
 pub fn start_local_cluster(
     dir: &std::path::Path,
     keyfort: &std::path::Path,
@@ -382,19 +452,46 @@ pub fn start_local_cluster(
     shards: u32,
     tick_ms: u64,
 ) -> Result<(crate::local_cluster::LocalCluster, Vec<Credential>), String> {
+    start_local_cluster_with(
+        dir,
+        keyfort,
+        keyfortd,
+        nodes,
+        shards,
+        tick_ms,
+        crate::local_cluster::Security::InsecureLoopback,
+    )
+}
+
+/// [`start_local_cluster`] with the nodes' `security`: [`Security::Tls`] runs both the client
+/// and the peer protocol over TLS (the cluster CA made at init); connect to it with
+/// [`KeyfortTarget::connect_with`] and the cluster's `client_tls()`.
+///
+/// [`Security::Tls`]: crate::local_cluster::Security::Tls
+pub fn start_local_cluster_with(
+    dir: &std::path::Path,
+    keyfort: &std::path::Path,
+    keyfortd: &std::path::Path,
+    nodes: u64,
+    shards: u32,
+    tick_ms: u64,
+    security: crate::local_cluster::Security,
+) -> Result<(crate::local_cluster::LocalCluster, Vec<Credential>), String> {
     use crate::local_cluster::LocalCluster;
     use keyfort_net::client::Client;
     let _ = std::fs::remove_dir_all(dir);
-    let mut c = LocalCluster::create(dir, keyfort, keyfortd, nodes, shards, 0, tick_ms)?;
+    let mut c =
+        LocalCluster::create_with(dir, keyfort, keyfortd, nodes, shards, 0, tick_ms, security)?;
     c.configure(|v| v["status_ms"] = serde_json::json!(LOCAL_STATUS_MS))?;
     c.start_all()?;
     if !c.wait_for(LEADER_WAIT, |c| (0..shards).all(|s| c.leader(s).is_some())) {
         return Err("no leader in every shard".into());
     }
     let admin = Credential::read_file(&c.admin_credential(keyfort)?).map_err(|e| e.to_string())?;
+    let admin_opts = client_options_with(c.client_tls()?);
     let t = Instant::now();
     let admin = loop {
-        match Client::connect(c.client_addrs(), admin.clone(), client_options()) {
+        match Client::connect(c.client_addrs(), admin.clone(), admin_opts.clone()) {
             Ok(a) => break a,
             Err(_) if t.elapsed() < LEADER_WAIT => std::thread::sleep(LEADER_POLL),
             Err(e) => return Err(format!("admin client: {e}")),

@@ -6,20 +6,25 @@
 //! card each, `--shards` shards, one partition per shard), loads it and stops it; with
 //! `--addr` and `--credential` it loads a running cluster's partition instead.
 //!
+//! Plaintext on loopback by default; `--tls` runs the local cluster with TLS on both
+//! protocols (the cluster CA made at init) and connects over TLS 1.3; with `--addr`, `--ca`
+//! (the cluster CA's PEM) connects to a running cluster over TLS.
+//!
 //! ```sh
 //! cargo build --release -p keyfort-tools -p keyfort-bench
 //! ./target/release/load --workload use-heavy --rate 1000 --duration 10 --warmup 2 \
 //!     --preload 10000 --connections 8 --shards 2 --json target/load.json
 //! ./target/release/load --workload create-heavy --max-rate 1000,2000,4000,8000 --p99-ms 10
+//! ./target/release/load --tls --workload use-heavy --rate 2000
 //! ```
 
-use keyfort_bench::keyfort_target::{start_local_cluster, KeyfortOptions, KeyfortTarget};
+use keyfort_bench::keyfort_target::{start_local_cluster_with, KeyfortOptions, KeyfortTarget};
 use keyfort_bench::loadgen::{max_rate_at_p99, run, table, Mode, RunOptions, RunResult};
-use keyfort_bench::local_cluster::binaries_beside_exe;
+use keyfort_bench::local_cluster::{binaries_beside_exe, Security};
 use keyfort_bench::target::Target;
 use keyfort_bench::workload::Workload;
 use keyfort_bench::{machine, write_json};
-use keyfort_net::client::Credential;
+use keyfort_net::client::{ClientTls, Credential};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,6 +66,13 @@ struct Args {
     /// A partition credential file of the running cluster (`keyfort` issues them).
     #[arg(long)]
     credential: Option<PathBuf>,
+    /// The local cluster runs TLS on its client and peer protocols, and the load goes over
+    /// TLS 1.3 (default: plaintext on loopback).
+    #[arg(long)]
+    tls: bool,
+    /// With --addr: the running cluster's CA certificate (PEM); connects over TLS.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Writes the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -82,41 +94,59 @@ fn resolve(addrs: &[String]) -> Result<Vec<SocketAddr>, String> {
 fn main() -> Result<(), String> {
     let args: Args = clap::Parser::parse();
     // The local cluster lives until the end of main (dropped: every node is stopped).
-    let (cluster, addrs, creds) = if args.addr.is_empty() {
+    let (cluster, addrs, creds, tls) = if args.addr.is_empty() {
         let (keyfort, keyfortd) = binaries_beside_exe()?;
         let t = Instant::now();
-        let (c, creds) = start_local_cluster(
+        let security = if args.tls {
+            Security::Tls
+        } else {
+            Security::InsecureLoopback
+        };
+        let (c, creds) = start_local_cluster_with(
             &args.dir,
             &keyfort,
             &keyfortd,
             args.nodes,
             args.shards,
             args.tick_ms,
+            security,
         )?;
         eprintln!(
-            "local cluster: {} nodes, {} shards, ready in {:.1} s",
+            "local cluster: {} nodes, {} shards, {security:?}, ready in {:.1} s",
             args.nodes,
             args.shards,
             t.elapsed().as_secs_f64()
         );
         let addrs = c.client_addrs();
-        (Some(c), addrs, creds)
+        let tls = c.client_tls()?;
+        (Some(c), addrs, creds, tls)
     } else {
         let file = args
             .credential
             .as_ref()
             .ok_or("--addr needs --credential (a partition credential file)")?;
         let cred = Credential::read_file(file).map_err(|e| e.to_string())?;
-        (None, resolve(&args.addr)?, vec![cred])
+        let tls = args
+            .ca
+            .as_ref()
+            .map(|ca| ClientTls::from_files(ca, None, None, None).map_err(|e| e.to_string()))
+            .transpose()?;
+        (None, resolve(&args.addr)?, vec![cred], tls)
     };
-    let target = KeyfortTarget::connect(
+    let target = KeyfortTarget::connect_with(
         &addrs,
         &creds,
         &KeyfortOptions {
             value_size: args.run.value_size,
             connections: args.run.connections,
         },
+        tls,
     )?;
+    let handshakes = target.handshakes();
+    eprintln!(
+        "connections opened: {} ({} TLS, {} resumed)",
+        handshakes.opened, handshakes.tls, handshakes.resumed
+    );
     let t = Instant::now();
     target.preload(args.run.preload)?;
     let preload_s = t.elapsed().as_secs_f64();
@@ -158,6 +188,8 @@ fn main() -> Result<(), String> {
             } else {
                 json!({ "local": false, "addrs": args.addr })
             },
+            "tls": handshakes.tls > 0,
+            "handshakes": handshakes,
             "partitions": target.partitions(),
             "connections": target.connections(),
             "value_size": args.run.value_size,
