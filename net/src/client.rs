@@ -343,7 +343,16 @@ pub struct ClientTls {
     /// [`crate::tls::cluster_name`], which every node's certificate carries); `None`: the IP
     /// address dialed.
     pub server_name: Option<String>,
+    /// One configuration per node address, each with its own session cache: rustls keys its
+    /// tickets by server name only, so nodes sharing a name (the cluster name, or one IP with
+    /// several ports) would be offered each other's tickets, which they cannot resume.
+    per_node: Arc<Mutex<HashMap<SocketAddr, Arc<rustls::ClientConfig>>>>,
 }
+
+/// Node addresses whose own session cache a [`ClientTls`] keeps (beyond: the shared one).
+pub const TLS_SESSION_CACHES_MAX: usize = 256;
+/// Sessions kept per node address.
+pub const TLS_SESSIONS_PER_NODE: usize = 32;
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -388,10 +397,36 @@ impl ClientTls {
         if let Some(name) = &server_name {
             server_name_of(name)?;
         }
-        Ok(ClientTls {
-            config: crate::tls::client_config(&trust, identity).map_err(bad)?,
+        Ok(ClientTls::new(
+            crate::tls::client_config(&trust, identity).map_err(bad)?,
             server_name,
-        })
+        ))
+    }
+
+    /// From a rustls configuration (TLS 1.3: [`crate::tls::client_config`]).
+    pub fn new(config: Arc<rustls::ClientConfig>, server_name: Option<String>) -> ClientTls {
+        ClientTls {
+            config,
+            server_name,
+            per_node: Arc::default(),
+        }
+    }
+
+    /// The configuration for the node at `addr`: the shared one with a session cache of that
+    /// address's own, so a reconnection resumes that node's session.
+    fn config_for(&self, addr: SocketAddr) -> Arc<rustls::ClientConfig> {
+        let mut m = lock(&self.per_node);
+        if let Some(c) = m.get(&addr) {
+            return c.clone();
+        }
+        if m.len() >= TLS_SESSION_CACHES_MAX {
+            return self.config.clone();
+        }
+        let mut c = (*self.config).clone();
+        c.resumption = rustls::client::Resumption::in_memory_sessions(TLS_SESSIONS_PER_NODE);
+        let c = Arc::new(c);
+        m.insert(addr, c.clone());
+        c
     }
 
     /// The name verified for a node dialed at `addr`.
@@ -856,7 +891,8 @@ impl Connection {
         stream.set_nodelay(true).map_err(io_err)?;
         let wire = match (&opts.tls, server_name) {
             (Some(tls), Some(name)) => {
-                let session = handshake(&mut stream, tls, name, opts.connect_timeout)?;
+                let config = tls.config_for(addr);
+                let session = handshake(&mut stream, config, name, opts.connect_timeout)?;
                 Wire::Tls(Box::new(Mutex::new(session)))
             }
             _ => Wire::Plain,
@@ -1014,7 +1050,7 @@ impl Write for Counted<'_> {
 /// The TLS handshake on the blocking socket, within `limit` per read and write.
 fn handshake(
     sock: &mut TcpStream,
-    tls: &ClientTls,
+    config: Arc<rustls::ClientConfig>,
     name: ServerName<'static>,
     limit: Duration,
 ) -> Result<rustls::ClientConnection, ClientError> {
@@ -1023,8 +1059,8 @@ fn handshake(
         ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
         other => format!("{other:?}"),
     };
-    let mut conn = rustls::ClientConnection::new(tls.config.clone(), name)
-        .map_err(|e| ClientError::Tls(classify(&e)))?;
+    let mut conn =
+        rustls::ClientConnection::new(config, name).map_err(|e| ClientError::Tls(classify(&e)))?;
     let limit = Some(limit.max(Duration::from_millis(1)));
     sock.set_read_timeout(limit).map_err(io_err)?;
     sock.set_write_timeout(limit).map_err(io_err)?;

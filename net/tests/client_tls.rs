@@ -112,10 +112,7 @@ fn tls_opts(tls: ClientTls) -> ClientOptions {
 }
 
 fn client_tls(ca: &Ca, identity: Option<TlsIdentity>, name: Option<String>) -> ClientTls {
-    ClientTls {
-        config: tls::client_config(&ca.trust(), identity).unwrap(),
-        server_name: name,
-    }
+    ClientTls::new(tls::client_config(&ca.trust(), identity).unwrap(), name)
 }
 
 // ---- the TLS node ----

@@ -326,6 +326,13 @@ fn tls_cluster_serves_and_refuses_with_typed_errors() {
         "the second connection resumed the first one's session"
     );
     drop((first, again));
+    // Nodes sharing one IP (and so one server name) each resume their own sessions: the
+    // client keeps a session cache per node address.
+    let other = c.nodes[(leader + 1) % 3].client_addr;
+    for (i, a) in [other, addr, other, addr].into_iter().enumerate() {
+        let conn = Connection::open(a, &cred, &opts(tls.clone())).expect("alternating");
+        assert_eq!(conn.resumed(), i != 0, "connection {i} to {a}: resumed?");
+    }
 
     // --- clients that must be refused
     match Connection::open(addr, &cred, &opts(None)) {
