@@ -9,6 +9,8 @@
 # then full replay, local restart, wiped-node rejoin and whole-cluster restore from S3, each timed.
 # Then the load generator (issue 8): a fresh 3-node cluster driven open-loop at 500/s with each
 # workload (create-heavy, use-heavy with Zipf keys, churn); per-operation p50...p99.99 and max.
+# Every cluster here runs TLS 1.3 on its client and peer connections (issue 9; the CA made in a
+# card at `cluster init`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -17,5 +19,5 @@ data=${KEYFORT_DEMO_DIR:-.kf/demo}
 rm -rf "$data"
 target/release/keyfort demo --data-dir "$data" "$@"
 target/release/keyfort drill --keys 100000 --dir "$data/drill"
-exec target/release/load --workload create-heavy,use-heavy,churn --rate 500 --duration 5 \
+exec target/release/load --tls --workload create-heavy,use-heavy,churn --rate 500 --duration 5 \
   --warmup 1 --preload 2000 --shards 2 --quiet --dir "$data/load" --json "$data/load.json"
