@@ -306,6 +306,7 @@ fn a_node_with_a_card_of_another_realm_cannot_join() {
         "peer_listen": format!("127.0.0.1:{port}"),
         "card": { "token_dir": token_dir, "label": "intruder", "pin_file": r.join("user.pin") },
         "seed_peers": [c.nodes[0].peer_addr],
+        "insecure_loopback": true,
     });
     std::fs::write(&config, cfg.to_string()).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyfortd"))

@@ -191,8 +191,17 @@ fn a_cluster_lost_whole_comes_back_from_s3_with_every_backed_up_key() {
     }
     // The manager moves off the snapshot maker, which then compacts again: the manager's
     // manifests must carry snapshots it polled for and fetched from node 3.
+    // Node 3 starts again only once another node leads: restarted at once it could win the
+    // election again (its log is as long as anyone's) and keep shard 0.
     if c.leader(0) == Some(SNAPSHOT_MAKER) {
         c.kill9(SNAPSHOT_MAKER);
+        assert!(
+            c.wait_for(TIMEOUT, |c| c
+                .leader(0)
+                .is_some_and(|l| l != SNAPSHOT_MAKER)),
+            "no new leader of shard 0 without node 3 (kept in {})",
+            keep(&croot)
+        );
         c.start(SNAPSHOT_MAKER).unwrap();
     }
     assert!(
