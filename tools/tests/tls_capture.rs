@@ -32,7 +32,8 @@ fn start_capture(ports: &[u16], file: &Path) -> Child {
         .collect::<Vec<_>>()
         .join(" or ");
     let mut child = Command::new("tcpdump")
-        .args(["-i", "lo", "-U", "-s", "0", "-w"])
+        // A 64 MiB capture buffer, so nothing is dropped while other tests run.
+        .args(["-i", "lo", "-U", "-B", "65536", "-s", "0", "-w"])
         .arg(file)
         .arg(format!("tcp and ({filter})"))
         .stderr(Stdio::piped())
@@ -50,7 +51,20 @@ fn start_capture(ports: &[u16], file: &Path) -> Child {
     child
 }
 
-fn stop_capture(mut child: Child) {
+/// Stops tcpdump once it has written everything it received: SIGTERM makes it drop the packets
+/// it has not processed yet (on a loaded machine, most of them), so wait until the file stops
+/// growing first.
+fn stop_capture(mut child: Child, file: &Path) {
+    let size = || std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let t = std::time::Instant::now();
+    let mut last = size();
+    let mut still = 0;
+    while still < 3 && t.elapsed() < TIMEOUT {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = size();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
@@ -118,7 +132,7 @@ fn captured(root: &Path, security: Security) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     std::thread::sleep(Duration::from_millis(500));
     drop((client, admin));
     c.kill_all();
-    stop_capture(cap);
+    stop_capture(cap, &file);
     let bytes = std::fs::read(&file).unwrap();
     (bytes, plaintext, data_key)
 }
