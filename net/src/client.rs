@@ -168,7 +168,8 @@ impl std::fmt::Debug for Credential {
     }
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lower-case hex of `b` (credentials, names in certificates).
+pub(crate) fn hex(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(b.len() * 2);
     for &x in b {

@@ -36,6 +36,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::client::hex;
+
 /// Time a TLS handshake may take, on either protocol, before the connection is dropped.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Sessions each side keeps for resumption (server: session ids/tickets it can resume; client:
@@ -53,10 +55,6 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn protocol_versions() -> &'static [&'static rustls::SupportedProtocolVersion] {
     static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
     &TLS13_ONLY
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The cluster's DNS domain in certificates: `<cluster id hex>.keyfort`.

@@ -19,6 +19,7 @@
 //! Client certificates (`keyfort tls issue-client`) name a partition and are written as PEM
 //! files for the client; the operator hands them over like a credential file.
 
+use crate::cluster_cmd::hex;
 use keyfort_hsm::{CaKey, CoreSession, WrappedCaKey};
 use keyfort_net::tls::{
     cluster_name, joiner_name, node_name, partition_name, read_certs, read_crls, TlsIdentity, Trust,
@@ -57,10 +58,6 @@ type R<T> = Result<T, String>;
 
 fn io(p: &Path, e: impl std::fmt::Display) -> String {
     format!("{}: {e}", p.display())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The CA key in a card, as rcgen's remote signer. The session is behind a mutex because rcgen
@@ -174,15 +171,7 @@ impl TlsDir {
     pub fn open(dir: &Path) -> R<TlsDir> {
         let p = dir.join(CLUSTER_ID_FILE);
         let text = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
-        let text = text.trim();
-        let mut id = [0u8; 16];
-        if text.len() != 32 {
-            return Err(io(&p, "not 32 hex digits"));
-        }
-        for (i, b) in id.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
-                .map_err(|_| io(&p, "not 32 hex digits"))?;
-        }
+        let id = crate::client_cmd::parse_id(&text, "cluster id").map_err(|e| io(&p, e))?;
         Ok(TlsDir {
             dir: dir.to_path_buf(),
             cluster_id: id,

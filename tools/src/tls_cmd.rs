@@ -133,7 +133,7 @@ pub fn run(cmd: TlsCmd) -> crate::CmdResult {
             partition,
             out,
         } => {
-            let p = parse_id(&partition)?;
+            let p = crate::client_cmd::parse_id(&partition, "partition id")?;
             issue(&card, &tls_dir, &Subject::Partition(p), &out)
         }
         TlsCmd::IssueNode {
@@ -177,18 +177,6 @@ pub fn run(cmd: TlsCmd) -> crate::CmdResult {
             }
         },
     }
-}
-
-fn parse_id(hex: &str) -> Result<[u8; 16], String> {
-    let err = || format!("partition id must be 32 hex digits, got {hex:?}");
-    if hex.len() != 32 {
-        return Err(err());
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| err())?;
-    }
-    Ok(id)
 }
 
 fn issue(
