@@ -342,6 +342,16 @@ impl Sim {
         }
     }
 
+    /// Runs without faults, proposing now and then, until a leader saw `n` proposals applied.
+    fn until_acked(&mut self, n: usize) {
+        while self.leader().is_none() || self.acked.len() < n {
+            if self.leader().is_some() && self.rng.gen_bool(0.05) {
+                self.propose();
+            }
+            self.step(false);
+        }
+    }
+
     fn heal(&mut self) {
         self.cut.clear();
         self.loss = 0.0;
@@ -461,12 +471,7 @@ fn a_seed_replays_exactly() {
 #[test]
 fn an_isolated_leader_never_commits() {
     let mut sim = Sim::new(1, 3);
-    while sim.leader().is_none() || sim.acked.is_empty() {
-        if sim.leader().is_some() && sim.rng.gen_bool(0.05) {
-            sim.propose();
-        }
-        sim.step(false);
-    }
+    sim.until_acked(1);
     let old = sim.leader().expect("leader");
     sim.cut.insert(old);
     // Entries a quorum stored before the cut may still commit on the old leader (its own write
@@ -524,12 +529,7 @@ fn an_isolated_leader_never_commits() {
 fn a_replaced_node_is_never_counted_under_its_old_id() {
     use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
     let mut sim = Sim::new(3, 3);
-    while sim.leader().is_none() || sim.acked.len() < 5 {
-        if sim.leader().is_some() && sim.rng.gen_bool(0.05) {
-            sim.propose();
-        }
-        sim.step(false);
-    }
+    sim.until_acked(5);
     // One joint change: node 4 replaces node 3 (auto-leave).
     let change = |id, t| ConfChangeSingle {
         node_id: id,
@@ -652,4 +652,77 @@ fn a_follower_far_behind_takes_appends_only_as_fast_as_it_persists() {
     let _ = f.process_ready().unwrap();
     assert_eq!(f.appends_dropped(), 1);
     assert_eq!(f.raw_node().raft.raft_log.last_index(), 2 * n as u64);
+}
+
+#[test]
+fn a_leader_whose_followers_disks_stall_keeps_the_lead_and_commits_nothing_unpersisted() {
+    use keyfort_engine::raft::ELECTION_TICKS;
+    use raft::eraftpb::MessageType;
+    // Followers whose fsyncs hang for three election timeouts: their heartbeat answers vouch
+    // for nothing durable and go out at once (etcd raft's rule), so check-quorum keeps the
+    // leader; their append answers wait for the disk, so nothing new commits meanwhile.
+    let mut sim = Sim::new(7, 3);
+    sim.until_acked(1);
+    // Settle: every node persisted and saw everything.
+    for _ in 0..200 {
+        for id in sim.ids.clone() {
+            sim.persist(id, true);
+        }
+        while !sim.net.is_empty() {
+            sim.deliver(0);
+        }
+    }
+    let leader = sim.leader().expect("leader");
+    let term = sim.core(leader).expect("up").term();
+    let commit = sim.core(leader).expect("up").commit_index();
+    sim.propose();
+    // Heartbeat answers of the followers after their first election timeout of stalling.
+    let mut heartbeat_answers = 0;
+    for round in 0..3 * ELECTION_TICKS {
+        for id in sim.ids.clone() {
+            sim.core(id).expect("up").tick();
+            sim.drain(id);
+        }
+        // Only the leader's disk makes progress.
+        sim.persist(leader, true);
+        while !sim.net.is_empty() {
+            let (from, _, m) = &sim.net[0];
+            if round >= ELECTION_TICKS
+                && *from != leader
+                && m.get_msg_type() == MessageType::MsgHeartbeatResponse
+            {
+                heartbeat_answers += 1;
+            }
+            sim.deliver(0);
+        }
+    }
+    assert!(
+        heartbeat_answers > 0,
+        "the stalled followers answered no heartbeat"
+    );
+    let c = sim.core(leader).expect("up");
+    assert!(
+        c.is_leader(),
+        "the leader stepped down while its followers' disks stalled"
+    );
+    assert_eq!(
+        c.term(),
+        term,
+        "an election ran while the followers' disks stalled"
+    );
+    assert_eq!(
+        c.commit_index(),
+        commit,
+        "an entry committed without a quorum having persisted it"
+    );
+    // The disks come back: the proposal commits.
+    for _ in 0..50 {
+        for id in sim.ids.clone() {
+            sim.persist(id, true);
+        }
+        while !sim.net.is_empty() {
+            sim.deliver(0);
+        }
+    }
+    assert!(sim.core(leader).expect("up").commit_index() > commit);
 }

@@ -58,6 +58,10 @@ pub struct ShardValues {
     pub snapshot: Option<SnapshotValues>,
     /// With a durable store configured.
     pub archive: Option<ArchiveValues>,
+    /// Durable log writes slower than `SLOW_PERSIST` (100 ms).
+    pub slow_persists: u64,
+    /// Raft ticks later than `LATE_TICK` (100 ms) past their interval.
+    pub late_ticks: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -415,6 +419,22 @@ fn render_shards(o: &mut Out, shards: &[ShardValues]) {
         |s| Some(u64::from(s.leader)),
     );
     o.per_shard(
+        "keyfort_raft_slow_persists_total",
+        "counter",
+        "Durable writes of the shard's raft log slower than 100 ms (append answers and \
+         commits waited for them).",
+        shards,
+        |s| Some(s.slow_persists),
+    );
+    o.per_shard(
+        "keyfort_raft_late_ticks_total",
+        "counter",
+        "Raft ticks more than 100 ms late (the executor did not run: CPU starvation or a \
+         blocking call); elections follow when they add up to an election timeout.",
+        shards,
+        |s| Some(s.late_ticks),
+    );
+    o.per_shard(
         "keyfort_wbl_first_lsn",
         "gauge",
         "The first LSN the shard's write-behind log still holds.",
@@ -585,6 +605,8 @@ impl Sources {
                         term: c.term(),
                         leader: c.is_leader(),
                         wbl_first_lsn: c.store().wbl().first_lsn(),
+                        slow_persists: r.stalls().slow_persists,
+                        late_ticks: r.stalls().late_ticks,
                         ..ShardValues::default()
                     };
                     let snap = c
@@ -874,6 +896,8 @@ mod tests {
                         ranges: 1,
                         bytes: 100,
                     }),
+                    slow_persists: 2,
+                    late_ticks: 1,
                 },
                 ShardValues {
                     shard: 1,

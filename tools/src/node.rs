@@ -838,6 +838,7 @@ fn write_status(
         .enumerate()
         .map(|(i, r)| {
             let archive = archives.get(i).map(|a| a.borrow().to_json());
+            let stalls = r.stalls();
             r.with_core(|c| {
                 serde_json::json!({
                     "shard": c.shard(),
@@ -853,6 +854,10 @@ fn write_status(
                     "voters": c.conf_state().voters,
                     "learners": c.conf_state().learners,
                     "appends_dropped": c.appends_dropped(),
+                    "slow_persists": stalls.slow_persists,
+                    "worst_persist_ms": stalls.worst_persist.as_secs_f64() * 1e3,
+                    "late_ticks": stalls.late_ticks,
+                    "worst_tick_gap_ms": stalls.worst_tick_gap.as_secs_f64() * 1e3,
                     "archive": archive,
                 })
             })

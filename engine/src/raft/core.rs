@@ -445,7 +445,18 @@ impl<S: LogStore> ShardCore<S> {
             });
         }
         let committed = rd.take_committed_entries();
-        let messages = rd.take_persisted_messages();
+        let mut messages = rd.take_persisted_messages();
+        // raft-rs holds every message of a non-leader until its Ready is durable. Only the
+        // answers that vouch for durable state (append, vote and pre-vote answers) must wait
+        // (etcd raft's rule, raft thesis 3.8); the rest go now. Held heartbeat answers let a
+        // slow follower fsync depose a healthy leader through check-quorum.
+        messages.retain(|m| {
+            let wait = waits_for_persistence(m);
+            if !wait {
+                out.push(m.clone());
+            }
+            wait
+        });
         self.node.advance_append_async(rd);
         if let Some(last) = committed.last().map(|e| e.index) {
             for e in committed {
@@ -597,3 +608,18 @@ impl<S: LogStore> ShardCore<S> {
 
 /// Checkpoint payload bytes covered by its MAC (version, LSN, chain head, digest).
 pub const CHECKPOINT_MAC_INPUT_BYTES: usize = 33;
+
+/// Whether a non-leader's message must wait until its Ready is durable. Answers that vouch for
+/// durable state wait: an append answer (the entries are stored), a vote or pre-vote answer
+/// (the vote is remembered), and a candidate's vote requests (raft-rs counts the candidate's
+/// own vote without a message, so its requests wait for that vote to be stored). Heartbeat
+/// answers (liveness and read-index acknowledgements of the sender's current term), forwarded
+/// proposals and forwarded read-index requests state nothing about the sender's disk and go at
+/// once.
+fn waits_for_persistence(m: &Message) -> bool {
+    use raft::eraftpb::MessageType as T;
+    !matches!(
+        m.get_msg_type(),
+        T::MsgHeartbeatResponse | T::MsgPropose | T::MsgReadIndex
+    )
+}

@@ -34,6 +34,28 @@ pub const READ_ROUND_RETRY: Duration = Duration::from_secs(1);
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most reads of one replica waiting for their read index.
 pub const MAX_PENDING_READS: usize = 65536;
+/// A durable write of the log (one or more Readies' entries and hard state) slower than this
+/// is counted in [`Stalls`] and logged: a follower's append answers and a leader's commits
+/// waited for it.
+pub const SLOW_PERSIST: Duration = Duration::from_millis(100);
+/// A tick later than its interval by more than this is counted in [`Stalls`] and logged: the
+/// executor (or the whole process) did not run, and raft's clock stood still meanwhile.
+pub const LATE_TICK: Duration = Duration::from_millis(100);
+/// At most one warning of each kind per replica per this interval (the counters count all).
+pub const STALL_WARN_EVERY: Duration = Duration::from_secs(1);
+
+/// Slow disk writes and late ticks a replica saw since it started (status.json, metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stalls {
+    /// Durable writes slower than [`SLOW_PERSIST`].
+    pub slow_persists: u64,
+    /// The slowest durable write.
+    pub worst_persist: Duration,
+    /// Ticks later than their interval by more than [`LATE_TICK`].
+    pub late_ticks: u64,
+    /// The longest time between two ticks.
+    pub worst_tick_gap: Duration,
+}
 
 /// Where a replica's outgoing raft messages go (the peer transport, or a test network).
 pub trait Transport {
@@ -153,6 +175,9 @@ pub struct Replica {
     archive_gate: Cell<bool>,
     /// The last snapshot fetched from a peer: how long the transfer and the verification took.
     last_fetch: Cell<Option<(Duration, Duration)>>,
+    stalls: Cell<Stalls>,
+    /// When a slow write and a late tick were last logged.
+    stall_warned: Cell<[Option<std::time::Instant>; 2]>,
 }
 
 /// Where a follower fetches snapshot files from, where it keeps them, and the card that
@@ -191,6 +216,8 @@ impl Replica {
             retention: Cell::new((RETAIN_LOG_ENTRIES_MIN, RETAIN_LOG_ENTRIES_MAX)),
             archive_gate: Cell::new(false),
             last_fetch: Cell::new(None),
+            stalls: Cell::new(Stalls::default()),
+            stall_warned: Cell::new([None, None]),
         })
     }
 
@@ -554,12 +581,81 @@ impl Replica {
         Ok(())
     }
 
-    /// Ticks every [`TICK`] until the replica stops.
+    /// Ticks every `interval` until the replica stops; a tick later than [`LATE_TICK`] past
+    /// its interval is counted in [`Stalls`].
     pub async fn run_ticker(self: Rc<Self>, interval: Duration) {
+        let mut last = std::time::Instant::now();
         while self.failed().is_none() {
             glommio::timer::sleep(interval).await;
+            let gap = last.elapsed();
+            last = std::time::Instant::now();
+            self.note_tick_gap(interval, gap);
             self.tick();
         }
+    }
+
+    /// Slow disk writes and late ticks so far.
+    pub fn stalls(&self) -> Stalls {
+        self.stalls.get()
+    }
+
+    fn note_tick_gap(&self, interval: Duration, gap: Duration) {
+        let late = self.record_stall(1, |s| {
+            s.worst_tick_gap = s.worst_tick_gap.max(gap);
+            let late = gap > interval + LATE_TICK;
+            s.late_ticks += u64::from(late);
+            late
+        });
+        if let Some((shard, node, s)) = late {
+            tracing::warn!(
+                shard,
+                node,
+                gap_ms = gap.as_millis() as u64,
+                interval_ms = interval.as_millis() as u64,
+                late_ticks = s.late_ticks,
+                "raft tick late: the executor did not run meanwhile (CPU starved or blocked)"
+            );
+        }
+    }
+
+    fn note_persist(&self, took: Duration) {
+        let slow = self.record_stall(0, |s| {
+            s.worst_persist = s.worst_persist.max(took);
+            let slow = took > SLOW_PERSIST;
+            s.slow_persists += u64::from(slow);
+            slow
+        });
+        if let Some((shard, node, s)) = slow {
+            tracing::warn!(
+                shard,
+                node,
+                took_ms = took.as_millis() as u64,
+                slow_persists = s.slow_persists,
+                "slow durable write of the raft log (append answers and commits waited)"
+            );
+        }
+    }
+
+    /// Updates the [`Stalls`] with `f`, which says whether this was a stall of warning `kind`;
+    /// returns (shard, node, the counters) when that warning is due (at most one per kind per
+    /// [`STALL_WARN_EVERY`]).
+    fn record_stall(
+        &self,
+        kind: usize,
+        f: impl FnOnce(&mut Stalls) -> bool,
+    ) -> Option<(u32, u64, Stalls)> {
+        let mut s = self.stalls.get();
+        let stalled = f(&mut s);
+        self.stalls.set(s);
+        let mut w = self.stall_warned.get();
+        let now = std::time::Instant::now();
+        if !stalled || w[kind].is_some_and(|t| now.duration_since(t) < STALL_WARN_EVERY) {
+            return None;
+        }
+        w[kind] = Some(now);
+        self.stall_warned.set(w);
+        let c = self.core.borrow();
+        Some((c.shard(), c.id(), s))
     }
 
     /// Proposes a state-machine record on the leader and waits until it is applied here.
@@ -878,10 +974,12 @@ impl Replica {
         glommio::spawn_local(async move {
             let mut next = Some(first);
             while let Some((number, durable)) = next {
+                let t = std::time::Instant::now();
                 if let Err(e) = durable.await {
                     me.fail(&e);
                     break;
                 }
+                me.note_persist(t.elapsed());
                 let msgs = me.core.borrow_mut().on_persisted(number);
                 if !msgs.is_empty() {
                     let shard = me.core.borrow().shard();

@@ -19,7 +19,7 @@ pub mod store;
 pub mod wbl_store;
 
 pub use self::core::{CoreConfig, CoreError, Event, ProposeError, ShardCore};
-pub use driver::{Applied, Committed, Replica, ReplicaError, SnapshotSetup, Transport};
+pub use driver::{Applied, Committed, Replica, ReplicaError, SnapshotSetup, Stalls, Transport};
 pub use entry::{entry_of, proposal_data, record_of, EntryError};
 pub use store::{LogStore, MemLog};
 pub use wbl_store::WblStore;
