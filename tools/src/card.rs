@@ -182,7 +182,7 @@ pub fn run(cmd: CardCmd) -> crate::CmdResult {
         } => {
             let card = open(&token_dir, &label)?;
             let id = match partition {
-                Some(h) => parse_id(&h)?,
+                Some(h) => PartitionId(crate::client_cmd::parse_id(&h, "partition id")?),
                 None => PartitionId::random(),
             };
             let config = card
@@ -286,18 +286,6 @@ fn s(e: keyfort_hsm::CardError) -> String {
 pub(crate) fn open(token_dir: &Path, label: &str) -> Result<Card, String> {
     let hsm = open_token_dir(token_dir).map_err(s)?;
     Card::open(hsm, label, Pin::user_from_env().map_err(s)?).map_err(s)
-}
-
-fn parse_id(hex: &str) -> Result<PartitionId, String> {
-    let err = || format!("partition id must be 32 hex digits, got {hex:?}");
-    if hex.len() != 32 {
-        return Err(err());
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| err())?;
-    }
-    Ok(PartitionId(id))
 }
 
 fn ceremony_kit(out: &Path, vendor: &str, realm: &str, same: Option<&Path>) -> crate::CmdResult {

@@ -50,23 +50,22 @@ fn issue_client(
         dir.join(format!("{name}.pem")),
         dir.join(format!("{name}.key")),
     );
-    let out = Command::new(keyfort())
-        .args(["tls", "issue-client", "--tls-dir"])
-        .arg(c.tls_dir())
-        .args(["--partition", &hex(partition), "--out-cert"])
-        .arg(&cert)
-        .arg("--out-key")
-        .arg(&key)
-        .arg("--token-dir")
-        .arg(c.root.join("node-2/card"))
-        .args(["--label", "node-2"])
-        .env("KEYFORT_PIN_FILE", c.pin_file())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "keyfort tls issue-client: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (tls_dir, part) = (c.tls_dir(), hex(partition));
+    let path = |p: &'_ Path| p.to_str().expect("UTF-8 test path").to_string();
+    let (tls_dir, cert_s, key_s) = (path(&tls_dir), path(&cert), path(&key));
+    common::keyfort_tls(
+        c,
+        &[
+            "issue-client",
+            "--tls-dir",
+            &tls_dir,
+            "--partition",
+            &part,
+            "--out-cert",
+            &cert_s,
+            "--out-key",
+            &key_s,
+        ],
     );
     (cert, key)
 }

@@ -69,24 +69,6 @@ fn cluster_id(c: &LocalCluster) -> String {
         .to_string()
 }
 
-/// `keyfort tls <args>` with node 2's card; panics on failure.
-fn tls_cmd(c: &LocalCluster, args: &[&str]) {
-    let out = Command::new(keyfort())
-        .arg("tls")
-        .args(args)
-        .args(["--token-dir"])
-        .arg(c.root.join("node-2/card"))
-        .args(["--label", "node-2"])
-        .env("KEYFORT_PIN_FILE", c.pin_file())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "keyfort tls {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A node certificate issued by the CA of `tls_dir` into `<dir>/<name>.pem|.key`.
 fn issue_node(
     c: &LocalCluster,
@@ -113,7 +95,7 @@ fn issue_node(
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    tls_cmd(c, &refs);
+    common::keyfort_tls(c, &refs);
     (cert, key)
 }
 
@@ -412,7 +394,7 @@ fn tls_cluster_serves_and_refuses_with_typed_errors() {
     );
 
     // --- revocation: revoke n2.pem, restart node 1 (it reads the list at start).
-    tls_cmd(
+    common::keyfort_tls(
         &c,
         &[
             "revoke",

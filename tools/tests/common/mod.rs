@@ -1,5 +1,5 @@
-//! Helpers shared by the multi-process tests of the client service (`service_procs`,
-//! `restore_procs`).
+//! Helpers shared by the multi-process tests (`service_procs`, `restore_procs`,
+//! `metrics_procs`, the TLS tests).
 #![allow(dead_code)]
 
 use keyfort_bench::local_cluster::LocalCluster;
@@ -41,4 +41,23 @@ pub fn partition_on(admin: &Client, shard: u32, shards: u32) -> ([u8; 16], Crede
     let (_, cred) = admin.create_partition(p).expect("partition create");
     assert_eq!(cred.scope, Scope::Partition(p));
     (p, cred)
+}
+
+/// `keyfort tls <args>` with node 2's card (any card of the realm can use the cluster CA's key);
+/// panics with its stderr when it fails.
+pub fn keyfort_tls(c: &LocalCluster, args: &[&str]) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyfort"))
+        .arg("tls")
+        .args(args)
+        .arg("--token-dir")
+        .arg(c.root.join("node-2/card"))
+        .args(["--label", "node-2"])
+        .env("KEYFORT_PIN_FILE", c.pin_file())
+        .output()
+        .expect("run keyfort tls");
+    assert!(
+        out.status.success(),
+        "keyfort tls {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
