@@ -426,14 +426,8 @@ impl Stream {
     /// Accepts a TLS session on `tcp` with `config` (within [`TLS_HANDSHAKE_TIMEOUT`]).
     pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> Result<Stream, TlsFailure> {
         let acc = futures_rustls::TlsAcceptor::from(config);
-        let r = futures_lite::future::or(async { acc.accept(tcp).await.map(Ok) }, async {
-            glommio::timer::sleep(TLS_HANDSHAKE_TIMEOUT).await;
-            Ok(Err(TlsFailure::Other("handshake timed out".into())))
-        })
-        .await;
-        match r {
-            Ok(Ok(s)) => Ok(Stream::Server(Box::new(s))),
-            Ok(Err(f)) => Err(f),
+        match within_handshake_timeout(acc.accept(tcp)).await? {
+            Ok(s) => Ok(Stream::Server(Box::new(s))),
             Err(e) => Err(classify_io(&e).unwrap_or_else(|| eof_or_other(&e))),
         }
     }
@@ -450,17 +444,8 @@ impl Stream {
                 expected: name.to_string(),
             })?;
         let conn = futures_rustls::TlsConnector::from(config);
-        let r = futures_lite::future::or(
-            async { conn.connect(server_name, tcp).await.map(Ok) },
-            async {
-                glommio::timer::sleep(TLS_HANDSHAKE_TIMEOUT).await;
-                Ok(Err(TlsFailure::Other("handshake timed out".into())))
-            },
-        )
-        .await;
-        match r {
-            Ok(Ok(s)) => Ok(Stream::Client(Box::new(s))),
-            Ok(Err(f)) => Err(f),
+        match within_handshake_timeout(conn.connect(server_name, tcp)).await? {
+            Ok(s) => Ok(Stream::Client(Box::new(s))),
             Err(e) => Err(match classify_io(&e) {
                 Some(TlsFailure::WrongName { .. }) => TlsFailure::WrongName {
                     expected: name.to_string(),
@@ -470,6 +455,18 @@ impl Stream {
             }),
         }
     }
+}
+
+/// `handshake`'s own result, or a timeout failure when it takes longer than
+/// [`TLS_HANDSHAKE_TIMEOUT`].
+async fn within_handshake_timeout<T>(
+    handshake: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<std::io::Result<T>, TlsFailure> {
+    futures_lite::future::or(async { Ok(handshake.await) }, async {
+        glommio::timer::sleep(TLS_HANDSHAKE_TIMEOUT).await;
+        Err(TlsFailure::Other("handshake timed out".into()))
+    })
+    .await
 }
 
 /// A handshake that ended in EOF or a reset: the other side hung up, which is what a plaintext

@@ -11,14 +11,15 @@ use keyfort_net::client::{
 use keyfort_net::client_proto::{proof_context, Request, Response, Scope};
 use keyfort_net::frame::{self, flags, FrameHeader};
 use keyfort_net::tls::{self, TlsFailure, TlsIdentity, Trust};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use test_ca::Ca;
+
+mod test_ca;
 
 const CLUSTER: [u8; 16] = [7; 16];
 const SECRET: [u8; 32] = [42; 32];
@@ -33,49 +34,6 @@ fn cred() -> Credential {
 }
 
 // ---- certificates ----
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        // A name of its own: two CAs of one name are told apart by signature only (webpki then
-        // reports a bad signature, not an unknown issuer).
-        p.distinguished_name.push(
-            rcgen::DnType::CommonName,
-            format!("test cluster CA {:016x}", rand::random::<u64>()),
-        );
-        let cert = p.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn trust(&self) -> Trust {
-        Trust {
-            ca: vec![self.cert.der().clone()],
-            crls: Vec::new(),
-        }
-    }
-
-    /// A certificate naming `names` (DNS names or IP addresses).
-    fn issue(&self, names: &[&str]) -> (TlsIdentity, String, String) {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.cert, &self.key)
-            .unwrap();
-        let id = TlsIdentity {
-            chain: vec![CertificateDer::from(cert.der().to_vec())],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        };
-        (id, cert.pem(), key.serialize_pem())
-    }
-}
 
 fn node_names() -> Vec<String> {
     vec![
@@ -409,7 +367,7 @@ fn client_certificates_from_files_and_a_missing_one() {
     let node = TlsNode::start(&ca.trust(), node_identity(&ca), true, None);
     let dir = temp_dir("mtls");
     let (_, cert_pem, key_pem) = ca.issue(&[&tls::partition_name(&CLUSTER, &[3; 16])]);
-    std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     std::fs::write(dir.join("client.pem"), cert_pem).unwrap();
     std::fs::write(dir.join("client.key"), key_pem).unwrap();
     let (ca_f, cert_f, key_f) = (

@@ -6,59 +6,22 @@
 //! a plaintext node cannot reach a TLS one — each counted as a TLS failure, nothing delivered.
 
 mod common;
+mod test_ca;
 use common::*;
 use keyfort_engine::raft::Transport;
-use keyfort_net::tls::{node_name, NodeTls, TlsIdentity, Trust};
+use keyfort_net::tls::{node_name, NodeTls, Trust};
 use keyfort_net::transport::PeerTransport;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
+use test_ca::Ca;
 
 const TEST_LIMIT: Duration = Duration::from_secs(60);
 
-struct TestCa {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl TestCa {
-    fn new() -> TestCa {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::default();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(
-            rcgen::DnType::CommonName,
-            format!("test CA {}", rand::random::<u32>()),
-        );
-        let cert = p.self_signed(&key).unwrap();
-        TestCa { cert, key }
-    }
-
-    fn trust(&self) -> Trust {
-        Trust {
-            ca: vec![self.cert.der().clone()],
-            crls: Vec::new(),
-        }
-    }
-
-    /// A certificate naming `name` (and 127.0.0.1).
-    fn issue(&self, name: &str) -> TlsIdentity {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
-        p.subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        TlsIdentity {
-            chain: vec![cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        }
-    }
-
-    fn node_tls(&self, trust: &Trust, name_id: u64) -> NodeTls {
-        NodeTls::new(CLUSTER, trust, self.issue(&node_name(&CLUSTER, name_id))).unwrap()
-    }
+/// A node's TLS with a certificate of `ca` naming raft id `name_id` (and 127.0.0.1).
+fn node_tls(ca: &Ca, trust: &Trust, name_id: u64) -> NodeTls {
+    let name = node_name(&CLUSTER, name_id);
+    NodeTls::new(CLUSTER, trust, ca.issue(&[&name, "127.0.0.1"]).0).unwrap()
 }
 
 /// Nodes 1 and 2 listening and knowing each other; node 1 with `tls1`, node 2 with `tls2`.
@@ -85,9 +48,12 @@ fn pair(
 #[test]
 fn nodes_with_their_certificates_exchange_messages() {
     run("tls-ok", TEST_LIMIT, |_| async {
-        let ca = TestCa::new();
+        let ca = Ca::new();
         let trust = ca.trust();
-        let (t1, t2, s1, s2) = pair(Some(ca.node_tls(&trust, 1)), Some(ca.node_tls(&trust, 2)));
+        let (t1, t2, s1, s2) = pair(
+            Some(node_tls(&ca, &trust, 1)),
+            Some(node_tls(&ca, &trust, 2)),
+        );
         for c in 0..500 {
             t1.send(0, vec![heartbeat(1, 2, c)]);
             t2.send(1, vec![heartbeat(2, 1, c)]);
@@ -108,11 +74,11 @@ fn nodes_with_their_certificates_exchange_messages() {
 }
 
 /// Node 2 sends to node 1 with `tls2`; node 1 (a proper certificate) must refuse it.
-fn refused_by_listener(name: &str, make: fn(&TestCa, &Trust) -> Option<NodeTls>) {
+fn refused_by_listener(name: &str, make: fn(&Ca, &Trust) -> Option<NodeTls>) {
     run(name, TEST_LIMIT, |_| async move {
-        let ca = TestCa::new();
+        let ca = Ca::new();
         let trust = ca.trust();
-        let (t1, t2, s1, _s2) = pair(Some(ca.node_tls(&trust, 1)), make(&ca, &trust));
+        let (t1, t2, s1, _s2) = pair(Some(node_tls(&ca, &trust, 1)), make(&ca, &trust));
         for c in 0..50 {
             t2.send(0, vec![heartbeat(2, 1, c)]);
         }
@@ -131,15 +97,15 @@ fn refused_by_listener(name: &str, make: fn(&TestCa, &Trust) -> Option<NodeTls>)
 #[test]
 fn a_certificate_naming_another_raft_id_is_refused() {
     // Node 2 proves raft id 2 in the HMAC handshake but presents n3's certificate.
-    refused_by_listener("tls-wrong-id", |ca, trust| Some(ca.node_tls(trust, 3)));
+    refused_by_listener("tls-wrong-id", |ca, trust| Some(node_tls(ca, trust, 3)));
 }
 
 #[test]
 fn a_certificate_of_another_ca_is_refused() {
     refused_by_listener("tls-other-ca", |_, _| {
-        let other = TestCa::new();
+        let other = Ca::new();
         let trust = other.trust();
-        Some(other.node_tls(&trust, 2))
+        Some(node_tls(&other, &trust, 2))
     });
 }
 
@@ -151,9 +117,12 @@ fn a_plaintext_node_cannot_reach_a_tls_node() {
 #[test]
 fn the_listener_counts_the_wrong_name_as_a_tls_failure() {
     run("tls-count", TEST_LIMIT, |_| async {
-        let ca = TestCa::new();
+        let ca = Ca::new();
         let trust = ca.trust();
-        let (t1, t2, s1, _) = pair(Some(ca.node_tls(&trust, 1)), Some(ca.node_tls(&trust, 7)));
+        let (t1, t2, s1, _) = pair(
+            Some(node_tls(&ca, &trust, 1)),
+            Some(node_tls(&ca, &trust, 7)),
+        );
         t2.send(0, vec![heartbeat(2, 1, 1)]);
         wait_until("a TLS failure on node 1", || t1.stats().tls_failures >= 1).await;
         assert!(s1.borrow().is_empty());
@@ -165,13 +134,13 @@ fn the_listener_counts_the_wrong_name_as_a_tls_failure() {
 #[test]
 fn a_removed_or_replaced_raft_id_is_refused_despite_its_valid_certificate() {
     run("tls-removed", TEST_LIMIT, |_| async {
-        let ca = TestCa::new();
+        let ca = Ca::new();
         let trust = ca.trust();
         // Node 1 knows only itself and node 2: raft id 3 was removed (or replaced by a new id).
         let (t1, s1) = node(1, CLUSTER, KEY);
         let (t3, _) = node(3, CLUSTER, KEY);
-        t1.set_tls(ca.node_tls(&trust, 1));
-        t3.set_tls(ca.node_tls(&trust, 3));
+        t1.set_tls(node_tls(&ca, &trust, 1));
+        t3.set_tls(node_tls(&ca, &trust, 3));
         let a1 = t1.listen(localhost()).expect("listen");
         let a3 = t3.listen(localhost()).expect("listen");
         t1.set_peers(BTreeMap::from([(1, a1), (2, localhost())]));

@@ -597,6 +597,7 @@ impl Sources {
             .iter()
             .enumerate()
             .map(|(i, r)| {
+                let stalls = r.stalls();
                 let (mut s, snap) = r.with_core(|c| {
                     let s = ShardValues {
                         shard: c.shard(),
@@ -605,8 +606,8 @@ impl Sources {
                         term: c.term(),
                         leader: c.is_leader(),
                         wbl_first_lsn: c.store().wbl().first_lsn(),
-                        slow_persists: r.stalls().slow_persists,
-                        late_ticks: r.stalls().late_ticks,
+                        slow_persists: stalls.slow_persists,
+                        late_ticks: stalls.late_ticks,
                         ..ShardValues::default()
                     };
                     let snap = c

@@ -445,18 +445,15 @@ impl<S: LogStore> ShardCore<S> {
             });
         }
         let committed = rd.take_committed_entries();
-        let mut messages = rd.take_persisted_messages();
         // raft-rs holds every message of a non-leader until its Ready is durable. Only the
         // answers that vouch for durable state (append, vote and pre-vote answers) must wait
         // (etcd raft's rule, raft thesis 3.8); the rest go now. Held heartbeat answers let a
         // slow follower fsync depose a healthy leader through check-quorum.
-        messages.retain(|m| {
-            let wait = waits_for_persistence(m);
-            if !wait {
-                out.push(m.clone());
-            }
-            wait
-        });
+        let (messages, now): (Vec<Message>, Vec<Message>) = rd
+            .take_persisted_messages()
+            .into_iter()
+            .partition(waits_for_persistence);
+        out.extend(now);
         self.node.advance_append_async(rd);
         if let Some(last) = committed.last().map(|e| e.index) {
             for e in committed {
