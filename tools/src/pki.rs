@@ -384,32 +384,12 @@ pub fn serial_of(cert_pem: &Path) -> R<Vec<u8>> {
     serial_of_der(&certs[0]).ok_or_else(|| io(cert_pem, "no serial number found"))
 }
 
-/// The serial number of a DER certificate (TBSCertificate's second field, after the version).
+/// The serial number of a DER certificate (its INTEGER's content bytes, as rustls-webpki parses
+/// them); `None` when the bytes are not a certificate.
 fn serial_of_der(der: &[u8]) -> Option<Vec<u8>> {
-    // SEQUENCE { SEQUENCE (tbs) { [0] version, INTEGER serial, ... } ... }
-    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = b.split_first()?;
-        let (&l0, rest) = rest.split_first()?;
-        let (len, rest) = if l0 < 0x80 {
-            (l0 as usize, rest)
-        } else {
-            let n = (l0 & 0x7f) as usize;
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n].iter().fold(0usize, |a, &x| (a << 8) | x as usize);
-            (len, &rest[n..])
-        };
-        if rest.len() < len {
-            return None;
-        }
-        Some((tag, &rest[..len], &rest[len..]))
-    }
-    let (_, cert, _) = tlv(der)?;
-    let (_, tbs, _) = tlv(cert)?;
-    let (tag, v, rest) = tlv(tbs)?;
-    let serial = if tag == 0xa0 { tlv(rest)?.1 } else { v };
-    Some(serial.to_vec())
+    let der = CertificateDer::from(der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    Some(cert.serial().to_vec())
 }
 
 /// Adds `serial` to the directory's revoked list and rewrites `crl.pem` (signed in the card of
